@@ -1,0 +1,97 @@
+"""Zoo and model cards: rendered from the index, Hub-valid metadata, deterministic, pushable."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from huggingface_hub import ModelCard
+from zoo_factory import TOKEN, write_test_zoo
+
+from vitzoo.cards import model_card, render_zoo_cards, zoo_card
+from vitzoo.hub import push
+
+pytest_plugins = ["conftest_hub"]
+
+
+def test_zoo_card_matches_index(make_zoo):
+    zoo = make_zoo(n_models=3, n_unfinished=1)
+    written = render_zoo_cards(zoo, repo_id="org/tiny")
+    index = pd.read_parquet(zoo / "index.parquet")
+    finals = index[index["final"]]
+    card = ModelCard.load(zoo / "README.md")
+    assert card.data.license == "mit" and card.data.library_name == "vitzoo"
+    assert "model-zoo" in card.data.tags
+    (result,) = card.data.eval_results
+    assert result.metric_value == pytest.approx(finals["test_acc"].median())
+    text = card.text
+    assert f"| pretrain | 3 | {len(index)} | 3 | 0 |" in text
+    assert "| pretrain | `optimizer.lr` | 0.0001, 0.001 |" in text
+    assert 'vitzoo.load("org/tiny")' in text and "@misc{" in text
+    png = zoo / "plots" / "accuracy_pretrain.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(plots/accuracy_pretrain.png)" in text
+    model_cards = {p.parent.name for p in written if p.parent.parent.name == "models"}
+    assert model_cards == set(finals["model_id"])  # no card for the unfinished model
+
+
+def test_model_card_metadata_and_curves(make_zoo):
+    zoo = make_zoo(n_models=2)
+    render_zoo_cards(zoo, repo_id="org/tiny")
+    index = pd.read_parquet(zoo / "index.parquet")
+    mid = index["model_id"].iloc[0]
+    final = index[(index["model_id"] == mid) & index["final"]].iloc[0]
+    card = ModelCard.load(zoo / "models" / mid / "README.md")
+    accs = {r.dataset_split: r.metric_value for r in card.data.eval_results}
+    assert accs == {"val": pytest.approx(final["val_acc"]), "test": pytest.approx(final["test_acc"])}
+    assert card.data.base_model is None  # no parent, no external base
+    assert card.data.to_dict()["vitzoo"]["model_id"] == mid
+    assert "![training curves](training_curves.png)" in card.text
+    assert (zoo / "models" / mid / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_finetuned_model_card_has_lineage(tmp_path):
+    zoo = write_test_zoo(tmp_path / "zoo", n_models=1)
+    parent = pd.read_parquet(zoo / "index.parquet")["model_id"].iloc[0]
+    write_test_zoo(zoo, n_models=1, stage="finetune", seed0=10, parent_id=parent)
+    index = pd.read_parquet(zoo / "index.parquet")
+    child = index[index["stage"] == "finetune"]["model_id"].iloc[0]
+    card = model_card(zoo, child, repo_id="org/tiny", plot=False)
+    assert card.data.base_model == "org/tiny"
+    assert card.data.to_dict()["vitzoo"]["parent_id"] == parent
+    assert f"Fine-tuned from `{parent}`" in card.text
+    zc = zoo_card(zoo, repo_id="org/tiny", plots=False)
+    assert "| finetune | 1 |" in zc.text and "| pretrain | 1 |" in zc.text
+
+
+def test_cards_are_deterministic_and_follow_the_index(make_zoo):
+    zoo = make_zoo(n_models=2, n_unfinished=1)
+    render_zoo_cards(zoo)
+    first = {p: p.read_bytes() for p in [zoo / "README.md", zoo / "plots" / "accuracy_pretrain.png"]}
+    render_zoo_cards(zoo)
+    assert {p: p.read_bytes() for p in first} == first  # same data, same bytes: nothing to re-push
+    write_test_zoo(zoo, n_models=3)
+    render_zoo_cards(zoo)
+    assert "| pretrain | 3 |" in (zoo / "README.md").read_text()
+
+
+def test_custom_template_and_no_token_in_cards(make_zoo, tmp_path):
+    zoo = make_zoo(n_models=1, zoo_info={"provenance": {"command": ["vitzoo", "generate", "--token", TOKEN]}})
+    template = tmp_path / "mine.md"
+    template.write_text("---\n{{ card_data }}\n---\n# My zoo {{ zoo_name }} with {{ n_models }} models\n")
+    card = zoo_card(zoo, template=template, plots=False)
+    assert card.text.strip() == f"# My zoo {zoo.name} with 1 models"
+    default = zoo_card(zoo, plots=False)
+    assert TOKEN not in str(default) and "hf_***" in str(default)
+
+
+def test_cards_pass_hub_yaml_validation_and_push(hub, make_zoo):
+    zoo = make_zoo(n_models=2)
+    render_zoo_cards(zoo, repo_id="vitzoo-test/carded")
+    result = push(zoo, "vitzoo-test/carded", token=TOKEN, endpoint=hub.endpoint)
+    files = hub.files_at("vitzoo-test/carded", result.commit)
+    assert "README.md" in files and "plots/accuracy_pretrain.png" in files
+    assert sum(p.endswith("/README.md") for p in files) == 2
+    meta = [r for r in hub.requests if r.path == "/api/validate-yaml"]
+    assert meta and all(r.status == 200 for r in meta)
+    assert json.loads((zoo / "zoo.json").read_text())["format_version"] == 1

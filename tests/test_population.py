@@ -1,0 +1,191 @@
+"""Population training is proven equal to training the same models one by one.
+
+Deterministic CPU: the vectorised engine (vmap over stacked parameters, functional Adam/SGD) and
+the plain reference loop (nn.Module + torch.optim) must give the same weights at every saved
+epoch to float tolerance (the grouped convolution of vmap sums in a different order).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitzoo.models.cnn import build_cnn
+from vitzoo.train.population import (
+    PopulationMember,
+    crop_flip,
+    epoch_permutation,
+    lr_factor,
+    train_one_by_one,
+    train_population,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Any:
+    """One intra-op thread: stable timings on shared 2-core machines (and the same math)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32) / 16.0
+    x = F.interpolate(x[:, None], size=28, mode="bilinear", align_corners=False)  # CNN-s sees 28x28
+    y = torch.tensor(d.target, dtype=torch.long)
+    return x[:200], y[:200], x[1500:1700], y[1500:1700]
+
+
+def _collect(store: dict[tuple[int, int], dict[str, torch.Tensor]]) -> Any:
+    def on_epoch(epoch: int, states: list[dict[str, torch.Tensor]], metrics: list[dict[str, Any]]) -> None:
+        for st, met in zip(states, metrics, strict=True):
+            store[(met["index"], epoch)] = {k: v.detach().clone() for k, v in st.items()}
+
+    return on_epoch
+
+
+MEMBERS = [
+    PopulationMember(1, 1, "adam", 1e-3, 0.0, activation="tanh", init="KU"),
+    PopulationMember(2, 7, "adam", 3e-3, 1e-3, activation="tanh", init="KU"),
+    PopulationMember(3, 3, "sgd", 1e-2, 1e-3, 0.9, activation="tanh", init="KU"),
+    PopulationMember(4, 3, "sgd", 5e-2, 0.0, 0.5, activation="tanh", init="KU"),
+]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "onecycle"])
+def test_population_equals_one_by_one(digits: Any, schedule: str) -> None:
+    tx, ty, vx, vy = digits
+    evals = {"train": (tx, ty), "val": (vx, vy)}
+    pop: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    ref: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    epochs = 3
+    h_pop = train_population("cnn-s", 1, 10, MEMBERS, tx, ty, evals, epochs, 10, "cpu", _collect(pop),
+                             schedule=schedule, mode="population")
+    h_ref = train_one_by_one("cnn-s", 1, 10, MEMBERS, tx, ty, evals, epochs, 10, "cpu", _collect(ref),
+                             schedule=schedule)
+    assert set(pop) == set(ref) == {(i, e) for i in range(len(MEMBERS)) for e in range(epochs + 1)}
+    for key in ref:
+        for name, w in ref[key].items():
+            torch.testing.assert_close(pop[key][name], w, rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
+    for a, b in zip(h_pop, h_ref, strict=True):
+        assert [m["epoch"] for m in a] == list(range(epochs + 1))
+        for ma, mb in zip(a, b, strict=True):
+            assert ma["val_acc"] == pytest.approx(mb["val_acc"], abs=1e-9)
+            assert ma["val_loss"] == pytest.approx(mb["val_loss"], rel=1e-4)
+            assert ma["status"] == mb["status"] == "ok"
+    # training did something (the equality is not the trivial one of untrained models)
+    assert h_ref[0][-1]["train_acc"] > h_ref[0][0]["train_acc"] + 0.2
+
+
+def test_dropout_is_independent_per_model(digits: Any) -> None:
+    tx, ty, _, _ = digits
+    twin = PopulationMember(5, 5, "adam", 1e-3, activation="relu", init="KU", dropout=0.5)
+    got: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    train_population("cnn-s", 1, 10, [twin, twin], tx[:50], ty[:50], {}, 1, 10, "cpu", _collect(got),
+                     mode="population")
+    k = "module_list.0.weight"
+    assert torch.equal(got[(0, 0)][k], got[(1, 0)][k])  # same init seed
+    assert not torch.equal(got[(0, 1)][k], got[(1, 1)][k])  # different dropout masks
+    # without dropout the same twins stay identical (determinism of everything else)
+    twin0 = PopulationMember(5, 5, "adam", 1e-3, activation="relu", init="KU")
+    got0: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    train_population("cnn-s", 1, 10, [twin0, twin0], tx[:50], ty[:50], {}, 1, 10, "cpu", _collect(got0),
+                     mode="population")
+    assert torch.equal(got0[(0, 1)][k], got0[(1, 1)][k])
+
+
+def test_diverged_model_is_frozen_and_the_rest_go_on(digits: Any) -> None:
+    tx, ty, vx, vy = digits
+    bad = PopulationMember(9, 9, "sgd", 1e30, 0.0, 0.9, activation="relu", init="N")
+    members = [MEMBERS[0], bad, MEMBERS[2]]
+    got: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    hist = train_population("cnn-s", 1, 10, members, tx[:100], ty[:100], {"val": (vx, vy)}, 2, 10, "cpu",
+                            _collect(got), mode="population")
+    assert hist[1][-1]["status"] == "diverged" and hist[1][-1]["diverged_step"] is not None
+    assert all(torch.isfinite(v).all() for v in got[(1, 2)].values())
+    assert hist[0][-1]["status"] == hist[2][-1]["status"] == "ok"
+    ref: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    h_ref = train_one_by_one("cnn-s", 1, 10, members, tx[:100], ty[:100], {"val": (vx, vy)}, 2, 10, "cpu",
+                             _collect(ref))
+    assert h_ref[1][-1]["status"] == "diverged"
+    assert h_ref[1][-1]["diverged_step"] == hist[1][-1]["diverged_step"]
+    for i in (0, 2):  # the healthy models are untouched by their diverged neighbour
+        for name, w in ref[(i, 2)].items():
+            torch.testing.assert_close(got[(i, 2)][name], w, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_optimizers_split_into_groups_and_keep_order(digits: Any) -> None:
+    tx, ty, _, _ = digits
+    members = [MEMBERS[2], MEMBERS[0], MEMBERS[3], MEMBERS[1]]
+    seen: list[int] = []
+
+    def on_epoch(epoch: int, states: list[dict[str, torch.Tensor]], metrics: list[dict[str, Any]]) -> None:
+        if epoch == 0:
+            seen.extend(m["index"] for m in metrics)
+
+    hist = train_population("cnn-s", 1, 10, members, tx[:20], ty[:20], {"train": (tx[:20], ty[:20])}, 1, 10,
+                            "cpu", on_epoch, mode="population", max_population=8)
+    assert sorted(seen) == [0, 1, 2, 3] and len(hist) == 4
+    assert all(len(h) == 2 for h in hist)
+
+
+def test_auto_mode_small_groups_train_one_by_one(digits: Any) -> None:
+    tx, ty, _, _ = digits
+    a = train_population("cnn-s", 1, 10, MEMBERS[:2], tx[:20], ty[:20], {"t": (tx[:20], ty[:20])}, 1, 10, "cpu")
+    b = train_one_by_one("cnn-s", 1, 10, MEMBERS[:2], tx[:20], ty[:20], {"t": (tx[:20], ty[:20])}, 1, 10, "cpu")
+    assert a == b  # bitwise: the same loop ran
+
+
+def test_epoch_permutation_is_deterministic_and_per_seed() -> None:
+    a = epoch_permutation(3, 1, 100)
+    assert torch.equal(a, epoch_permutation(3, 1, 100))
+    assert not torch.equal(a, epoch_permutation(3, 2, 100))
+    assert not torch.equal(a, epoch_permutation(4, 1, 100))
+    assert sorted(a.tolist()) == list(range(100))
+
+
+def test_onecycle_matches_torch() -> None:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.05, momentum=0.9)
+    total = 57
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=total, cycle_momentum=False)
+    for step in range(total):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * lr_factor("onecycle", step, total), rel=1e-9)
+        opt.step()
+        sched.step()
+    assert lr_factor("cosine", 0, 10) == 1.0 and math.isclose(lr_factor("cosine", 10, 10), 0.0, abs_tol=1e-12)
+
+
+def test_crop_flip_is_seeded_and_keeps_shape() -> None:
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    a = crop_flip(x, torch.Generator().manual_seed(0))
+    b = crop_flip(x, torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and torch.equal(a, b)
+    same = crop_flip(x, torch.Generator().manual_seed(0), pad=0)
+    for i in range(2):  # no padding: each sample is the image or its mirror
+        assert torch.equal(same[i], x[i]) or torch.equal(same[i], x[i].flip(-1))
+
+
+def test_resnet_falls_back_to_one_by_one_with_augmentation() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (8,), generator=g)
+    members = [PopulationMember(s, s, "sgd", 0.05, 5e-4, 0.9) for s in (1, 2)]
+    got: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    hist = train_population("resnet18", 3, 10, members, x, y, {"test": (x, y)}, 1, 4, "cpu", _collect(got),
+                            schedule="onecycle", augment="crop_flip")
+    assert [len(h) for h in hist] == [2, 2]
+    assert "layer1.0.bn1.running_mean" in got[(0, 1)]
+    init0 = build_cnn("resnet18", 3, 10, seed=1).state_dict()["conv1.weight"]
+    assert torch.equal(got[(0, 0)]["conv1.weight"], init0)
+    with pytest.raises(ValueError, match="cannot be vectorised"):
+        train_population("resnet18", 3, 10, members, x, y, {}, 1, 4, "cpu", mode="population")

@@ -1,0 +1,340 @@
+"""Model cards for a zoo (the repo's README.md) and for each model, rendered from the index.
+
+Cards are *derived data*: everything in them comes from ``index.parquet``, ``zoo.json`` and the
+models' ``run.json``, so re-rendering after the zoo grows can never leave a card that disagrees
+with the index. They are rendered with ``huggingface_hub``'s ``ModelCard.from_template`` from the
+Jinja templates in ``model_cards/`` (pass your own with ``template=``/``model_template=``); the
+YAML metadata (license, library, tags, datasets, ``base_model``, eval results as ``model-index``)
+is built with ``ModelCardData`` so the Hub indexes it.
+
+Plots (matplotlib, Agg canvas, no global backend change) are written next to the cards:
+``plots/accuracy_<stage>.png`` for the zoo card, ``models/<id>/training_curves.png`` per model.
+Same data → same bytes, so an unchanged zoo re-pushes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+TEMPLATE_DIRS = (Path(__file__).resolve().parent / "model_cards", Path(__file__).resolve().parent.parent / "model_cards")
+ZOO_TEMPLATE = "zoo_card.md"
+MODEL_TEMPLATE = "model_card.md"
+ACC_COLUMNS = ("test_acc", "val_acc", "train_acc")
+KEY_COLUMNS = ("model.variant", "objective.name", "optimizer.name", "optimizer.lr", "optimizer.weight_decay",
+               "aug.level", "finetune.mode", "finetune.head", "data.source", "epochs")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _template(name: str, override: str | Path | None) -> str:
+    """Template text: the user's file if given, else vitzoo's (installed copy first, then the source tree)."""
+    if override is not None:
+        return Path(override).read_text(encoding="utf-8")
+    for d in TEMPLATE_DIRS:
+        if (d / name).is_file():
+            return (d / name).read_text(encoding="utf-8")
+    raise FileNotFoundError(f"card template {name} not found in {', '.join(map(str, TEMPLATE_DIRS))}")
+
+
+def _scrub(text: str) -> str:
+    """Cards are public: drop anything that looks like a Hub token (e.g. in a recorded command line)."""
+    return re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _acc_column(df: pd.DataFrame) -> str | None:
+    for c in ACC_COLUMNS:
+        if c in df.columns and df[c].notna().any():
+            return c
+    return None
+
+
+def _hub_datasets(values: Any) -> list[str]:
+    """Only Hub dataset ids belong in ``datasets:`` metadata (``builtin:digits`` or a path do not)."""
+    out = []
+    for v in values:
+        if isinstance(v, str) and _HUB_ID.match(v.removeprefix("hf:").removeprefix("hub:")):
+            out.append(v.removeprefix("hf:").removeprefix("hub:"))
+    return sorted(set(out))
+
+
+def _save_png(fig: Any, path: Path) -> Path:
+    """Write a figure atomically, without a timestamp, so equal data gives equal bytes."""
+    from vitzoo.zoo.io import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None}))
+    return path
+
+
+def accuracy_plot(df: pd.DataFrame, stage: str, path: Path) -> Path | None:
+    """Histogram of the final-state accuracy of one stage's models (the zoo card's plot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    col = _acc_column(df)
+    if col is None:
+        return None
+    values = df[col].dropna().astype(float)
+    fig = Figure(figsize=(5, 3))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.hist(values, bins=min(30, max(5, len(values) // 3)), range=(0, 1), color="#4C72B0")
+    ax.set_xlabel(f"final {col.replace('_', ' ')}")
+    ax.set_ylabel("models")
+    ax.set_title(f"{stage}: {len(values)} models, median {values.median():.3f}")
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def training_curve_plot(history: list[dict[str, Any]], title: str, path: Path) -> Path | None:
+    """Loss and accuracy per epoch for train/val/test (a model card's plot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not history:
+        return None
+    fig = Figure(figsize=(8, 3))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    epochs = [h.get("epoch") for h in history]
+    for ax, kind in zip(axes, ("loss", "acc"), strict=True):
+        for split in ("train", "val", "test"):
+            ys = [h.get(f"{split}_{kind}") for h in history]
+            if any(y is not None for y in ys):
+                ax.plot(epochs, [float("nan") if y is None else y for y in ys], marker=".", label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(kind)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+@dataclass
+class ZooFacts:
+    """What the cards say, computed once from the zoo folder."""
+
+    root: Path
+    index: pd.DataFrame
+    info: dict[str, Any]
+
+    @classmethod
+    def read(cls, zoo_dir: str | Path) -> ZooFacts:
+        root = Path(zoo_dir)
+        index = pd.read_parquet(root / "index.parquet")
+        info = json.loads((root / "zoo.json").read_text()) if (root / "zoo.json").is_file() else {}
+        return cls(root, index, info)
+
+    @property
+    def name(self) -> str:
+        return str(self.info.get("name") or self.root.name)
+
+    @property
+    def finals(self) -> pd.DataFrame:
+        return self.index[self.index["final"].astype(bool)] if len(self.index) else self.index
+
+    def grid(self) -> list[dict[str, str]]:
+        rows = []
+        for stage, df in self.index.groupby("stage", sort=True):
+            factors = sorted({f for g in df.get("grid_factors", pd.Series(dtype=str)).dropna() for f in json.loads(g)})
+            for f in factors:
+                if f in df.columns:
+                    uniq = list(df[f].dropna().unique())
+                    try:
+                        uniq = sorted(uniq)
+                    except TypeError:
+                        uniq = sorted(uniq, key=str)
+                    rows.append({"stage": str(stage), "factor": f, "vals": ", ".join(_fmt(v) for v in uniq)})
+        return rows
+
+
+def zoo_card(zoo_dir: str | Path, *, repo_id: str | None = None, revision: str | None = None,
+             template: str | Path | None = None, license: str | None = None, plots: bool = True,
+             citation: str | None = None, facts: ZooFacts | None = None) -> Any:
+    """The zoo card (``ModelCard``) of a zoo folder; writes its plots under ``plots/`` if ``plots``."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    facts = facts or ZooFacts.read(zoo_dir)
+    idx, finals = facts.index, facts.finals
+    repo = repo_id or f"<org>/{facts.name}"
+    stages, plot_rows, evals = [], [], []
+    sources = idx["data.source"].dropna().unique() if "data.source" in idx.columns else []
+    for stage, df in idx.groupby("stage", sort=True):
+        fin = finals[finals["stage"] == stage]
+        col = _acc_column(fin)
+        acc = fin[col].dropna().astype(float) if col else pd.Series(dtype=float)
+        stages.append({
+            "name": stage, "models": fin["model_id"].nunique(), "states": len(df),
+            "done": int((fin["status"] == "done").sum()) if "status" in fin else "-",
+            "diverged": int((fin["status"] == "diverged").sum()) if "status" in fin else "-",
+            "epochs": f"{int(df['epoch'].min())}-{int(df['epoch'].max())}" if len(df) else "-",
+            "median_acc": _fmt(acc.median()) if len(acc) else "-",
+            "range_acc": f"{acc.min():.3f}-{acc.max():.3f}" if len(acc) else "-",
+        })
+        if plots and len(acc):
+            rel = f"plots/accuracy_{stage}.png"
+            if accuracy_plot(fin, str(stage), facts.root / rel) is not None:
+                plot_rows.append({"stage": stage, "path": rel})
+        if len(acc):
+            src = fin["data.source"].dropna().iloc[0] if "data.source" in fin.columns and fin["data.source"].notna().any() \
+                else "unknown"
+            evals.append(EvalResult(task_type="image-classification", dataset_type=str(src), dataset_name=str(src),
+                                    dataset_split=col.split("_")[0], metric_type="accuracy",
+                                    metric_name=f"median final {col.replace('_', ' ')} ({stage})",
+                                    metric_value=round(float(acc.median()), 6)))
+    data = ModelCardData(
+        license=license or facts.info.get("license") or "mit", library_name="vitzoo",
+        tags=["vitzoo", "model-zoo", "weight-space-learning", "image-classification"],
+        datasets=_hub_datasets(sources) or None, pipeline_tag="image-classification",
+        model_name=facts.name if evals else None, eval_results=evals or None,
+    )
+    grid = facts.grid()
+    example = None
+    if grid:
+        g = grid[0]
+        first = g["vals"].split(", ")[0]
+        value = first if _is_number(first) else repr(first)
+        example = f'stage="{g["stage"]}", **{{"{g["factor"]}": {value}}}'
+    prov = _provenance_rows(facts.info)
+    n_models = finals["model_id"].nunique() if len(finals) else 0
+    planned = facts.info.get("planned")
+    n_planned = sum(planned.values()) if isinstance(planned, dict) else None
+    status_note = None
+    if facts.info.get("status") not in (None, "complete", "done") or (n_planned and n_planned > n_models):
+        status_note = (f"This zoo is still being generated: {n_models}"
+                       + (f" of {n_planned} planned" if n_planned else "") + " models are finished and published.")
+    year = str(facts.info.get("provenance", {}).get("started_at", ""))[:4] or "2026"
+    cite = citation or (
+        f"@misc{{{re.sub(r'[^A-Za-z0-9]', '_', facts.name)}_{year},\n"
+        f"  title = {{{{{facts.name}}}: a model zoo generated with vitzoo}},\n"
+        f"  year = {{{year}}},\n"
+        f"  howpublished = {{\\url{{https://huggingface.co/{repo}}}}},\n"
+        f"  note = {{{finals['model_id'].nunique() if len(finals) else 0} models, {len(idx)} model states}}\n}}"
+    )
+    card = ModelCard.from_template(
+        data, template_str=_template(ZOO_TEMPLATE, template), zoo_name=facts.name, repo_id=repo, revision=revision,
+        description=facts.info.get("description") or "", n_models=n_models, status_note=status_note,
+        n_states=len(idx), stages=stages, grid=grid, plots=plot_rows, provenance=prov, citation=cite,
+        example_filter=example,
+    )
+    return type(card)(_scrub(str(card)))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _provenance_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    for key in ("status", "recipe_sha256", "format_version"):
+        if key in info:
+            rows.append((key, f"`{info[key]}`"))
+    prov = info.get("provenance") or {}
+    if prov.get("packages"):
+        rows.append(("packages", ", ".join(f"{k} {v}" for k, v in prov["packages"].items() if v)))
+    if prov.get("git"):
+        git = prov["git"]
+        rows.append(("vitzoo git", f"`{git.get('commit', '')[:12]}`" + (" (dirty)" if git.get("dirty") else "")))
+    for k, v in (prov.get("hardware") or {}).items():
+        rows.append((f"hardware.{k}", ", ".join(map(str, v)) if isinstance(v, list) else _fmt(v)))
+    if prov.get("command"):
+        rows.append(("command", "`" + " ".join(map(str, prov["command"])) + "`"))
+    for k in ("started_at", "finished_at"):
+        if prov.get(k) or info.get(k):
+            rows.append((k, str(prov.get(k) or info.get(k))))
+    return [(k, v.replace("|", "\\|")) for k, v in rows]
+
+
+def model_card(zoo_dir: str | Path, model_id: str, *, repo_id: str | None = None, template: str | Path | None = None,
+               license: str | None = None, plot: bool = True, facts: ZooFacts | None = None) -> Any:
+    """The card of one model (``models/<id>/README.md``); writes ``training_curves.png`` if ``plot``."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    facts = facts or ZooFacts.read(zoo_dir)
+    rows = facts.index[facts.index["model_id"] == model_id]
+    if rows.empty:
+        raise KeyError(f"model {model_id!r} is not in {facts.root}/index.parquet")
+    final = rows[rows["final"].astype(bool)].iloc[0] if rows["final"].astype(bool).any() else rows.iloc[-1]
+    folder = facts.root / "models" / model_id
+    run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    repo = repo_id or f"<org>/{facts.name}"
+    src = final.get("data.source") if "data.source" in rows.columns else None
+    results, evals = [], []
+    for split in ("train", "val", "test"):
+        loss, acc = final.get(f"{split}_loss"), final.get(f"{split}_acc")
+        if _fmt(loss) != "-" or _fmt(acc) != "-":
+            results.append({"split": split, "loss": _fmt(loss), "acc": _fmt(acc)})
+        if split != "train" and _fmt(acc) != "-":
+            evals.append(EvalResult(task_type="image-classification", dataset_type=str(src or "unknown"),
+                                    dataset_name=str(src or "unknown"), dataset_split=split, metric_type="accuracy",
+                                    metric_value=round(float(acc), 6)))
+    grid = json.loads(final["grid_factors"]) if isinstance(final.get("grid_factors"), str) else []
+    shown = list(dict.fromkeys([*grid, *[c for c in KEY_COLUMNS if c in rows.columns]]))
+    factors = [(c, _fmt(final.get(c))) for c in shown if c in rows.columns and _fmt(final.get(c)) != "-"]
+    parent = final.get("parent_id")
+    parent = parent if isinstance(parent, str) and parent else None
+    pretrained = [v for k, v in final.items() if isinstance(v, str) and _HUB_ID.match(v)
+                  and any(w in str(k) for w in ("pretrained", "base_model", "hub_id"))]
+    base = pretrained[0] if pretrained else (repo_id if parent and repo_id else None)
+    data = ModelCardData(
+        license=license or facts.info.get("license") or "mit", library_name="vitzoo",
+        tags=["vitzoo", "model-zoo", f"stage:{final['stage']}", "image-classification"],
+        datasets=_hub_datasets([src]) or None, base_model=base, model_name=model_id if evals else None,
+        eval_results=evals or None, pipeline_tag="image-classification",
+        vitzoo={"zoo": repo, "model_id": model_id, "stage": str(final["stage"]), "parent_id": parent,
+                "parent_epoch": None if _fmt(final.get("parent_epoch")) == "-" else str(final.get("parent_epoch")),
+                "status": str(final.get("status"))},
+    )
+    curve = None
+    if plot and run.get("history"):
+        if training_curve_plot(run["history"], model_id, folder / "training_curves.png") is not None:
+            curve = "training_curves.png"
+    card = ModelCard.from_template(
+        data, template_str=_template(MODEL_TEMPLATE, template), model_id=model_id, zoo_name=facts.name,
+        zoo_link=f"https://huggingface.co/{repo}" if repo_id else "../../README.md", repo_id=repo,
+        stage=final["stage"], status=final.get("status"), final_epoch=int(final["epoch"]),
+        parent_id=parent, parent_epoch=None if _fmt(final.get("parent_epoch")) == "-" else final.get("parent_epoch"),
+        factors=factors, init_seed=_fmt(final.get("init_seed")), data_seed=_fmt(final.get("data_seed")),
+        repeat=None if _fmt(final.get("repeat")) == "-" else final.get("repeat"), results=results, curve=curve,
+        n_checkpoints=len(rows) - 1, example_epoch=int(rows["epoch"].min()),
+    )
+    return type(card)(_scrub(str(card)))
+
+
+def render_zoo_cards(zoo_dir: str | Path, *, repo_id: str | None = None, template: str | Path | None = None,
+                     model_template: str | Path | None = None, models: bool = True, plots: bool = True,
+                     license: str | None = None) -> list[Path]:
+    """(Re)write README.md and every indexed model's README.md from the index; returns the paths written.
+
+    Call from process 0 only (zoo-level files have one writer). Models not in the index (still
+    training) get no card: their folder is not part of the published zoo yet.
+    """
+    from vitzoo.zoo.io import write_text
+
+    facts = ZooFacts.read(zoo_dir)
+    written = [write_text(facts.root / "README.md",
+                          str(zoo_card(zoo_dir, repo_id=repo_id, template=template, plots=plots, license=license,
+                                       facts=facts)))]
+    if models:
+        for model_id in dict.fromkeys(facts.index["model_id"]):
+            card = model_card(zoo_dir, model_id, repo_id=repo_id, template=model_template, plot=plots,
+                              license=license, facts=facts)
+            written.append(write_text(facts.root / "models" / model_id / "README.md", str(card)))
+    return written

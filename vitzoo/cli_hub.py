@@ -1,0 +1,87 @@
+"""``vitzoo push`` (and ``vitzoo convert``): the Hub-facing subcommands, registered by vitzoo.cli.
+
+Kept apart from the main CLI so that importing it costs nothing (no torch, no huggingface_hub until
+a command runs). ``register(subparsers)`` adds the subcommands; each sets ``fn`` (as vitzoo.cli does) to a callable
+taking the parsed ``argparse.Namespace`` and returning an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    """Add ``push`` (and ``convert`` when available) to an ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "push", help="upload a zoo folder to the Hugging Face Hub (finished models only) and tag it",
+        description="Upload a zoo folder to a Hub repo: creates the repo if needed, checks index.parquet "
+                    "against the files first, skips unfinished models, resumes an interrupted upload and "
+                    "tags the pushed version (v1, v2, ... unless --tag is given). The token comes from "
+                    "HF_TOKEN or `hf auth login`.")
+    p.add_argument("zoo", help="zoo folder")
+    p.add_argument("repo_id", help="Hub repo id, org/name")
+    p.add_argument("--revision", default=None, help="branch to push to (default: main; created if missing)")
+    tag = p.add_mutually_exclusive_group()
+    tag.add_argument("--tag", default=None, help="tag for this version (default: the next vN)")
+    tag.add_argument("--no-tag", action="store_true", help="do not tag the pushed commit")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+    p.add_argument("--no-verify-hashes", action="store_true",
+                   help="check that indexed files exist and have the right size, but skip sha256 (faster)")
+    p.add_argument("--no-cards", action="store_true",
+                   help="push README.md/model cards as they are instead of re-rendering them from the index")
+    p.set_defaults(fn=cmd_push)
+
+    c = subparsers.add_parser(
+        "convert", help="convert a legacy (Ray Tune layout) model zoo into a vitzoo zoo folder",
+        description="Read a zoo in the original Ray Tune layout (params.json, result.json, "
+                    "checkpoint_*/checkpoints) and write it in the vitzoo format. Checkpoints are read with "
+                    "torch.load(weights_only=True) only; anything else is refused.")
+    c.add_argument("legacy", help="legacy zoo folder (one subfolder per trial)")
+    c.add_argument("zoo", help="output zoo folder")
+    c.add_argument("--name", default=None, help="zoo name (default: the output folder's name)")
+    c.add_argument("--architecture", default=None, help="vitzoo architecture (default: inferred: vitzoo/cnn-s, ...)")
+    c.set_defaults(fn=cmd_convert)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from vitzoo.hub import HubError, push
+
+    try:
+        result = push(args.zoo, args.repo_id, revision=args.revision,
+                      tag=False if args.no_tag else args.tag, endpoint=args.endpoint, private=args.private,
+                      check_hashes=not args.no_verify_hashes, cards=not args.no_cards)
+    except (HubError, FileNotFoundError) as err:
+        print(f"vitzoo push: error: {err}", file=sys.stderr)
+        return 1
+    print(result)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        from vitzoo.zoo.legacy import LegacyZooError, convert
+    except ImportError:  # pragma: no cover - legacy support not installed
+        print("vitzoo convert: legacy conversion is not available in this version", file=sys.stderr)
+        return 2
+    try:
+        summary = convert(args.legacy, args.zoo, name=args.name, architecture=args.architecture)
+    except (LegacyZooError, FileNotFoundError) as err:
+        print(f"vitzoo convert: error: {err}", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (tests, or before vitzoo.cli wires these in)."""
+    parser = argparse.ArgumentParser(prog="vitzoo")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""From SplitData to batches: timm transforms, seeded data order, cached evaluation tensors.
+
+Evaluation uses timm's own eval transform (``crop_pct=1.0``), and the same preprocessing
+metadata (input size, mean/std, interpolation) is saved in every model's config.json, so
+``timm.data.resolve_data_config`` + ``create_transform`` on a loaded model reproduce it exactly.
+Training augmentation comes from timm too: RandomResizedCrop, flip, RandAugment and random
+erasing per image; mixup/cutmix per batch in the trainer.
+
+Data order is a pure function of ``(data_seed, epoch)``: resuming mid-zoo replays the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import datasets
+import torch
+from timm.data import create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vitzoo.data.sources import SplitData, load_splits
+from vitzoo.recipe import AugConfig, DataConfig
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects as input; saved as timm ``pretrained_cfg`` with every model."""
+
+    img_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+
+    def pretrained_cfg(self, num_classes: int) -> dict:
+        return {"input_size": [self.channels, self.img_size, self.img_size], "mean": list(self.mean),
+                "std": list(self.std), "interpolation": self.interpolation, "crop_pct": 1.0, "crop_mode": "center",
+                "num_classes": num_classes}
+
+
+def preprocessing_for(cfg: DataConfig, img_size: int) -> Preprocessing:
+    if cfg.source.startswith("builtin:") or cfg.channels == 1:
+        # Small synthetic/grayscale sets: symmetric normalisation, bilinear upsampling of tiny images.
+        return Preprocessing(img_size, cfg.channels, (0.5,) * cfg.channels, (0.5,) * cfg.channels, "bilinear")
+    return Preprocessing(img_size, 3, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD), "bicubic")
+
+
+def eval_transform(pp: Preprocessing):
+    return create_transform(pp.img_size, is_training=False, interpolation=pp.interpolation, mean=pp.mean,
+                            std=pp.std, crop_pct=1.0)
+
+
+def train_transform(pp: Preprocessing, aug: AugConfig):
+    """timm's training transform for an augmentation level; plain eval transform for level none."""
+    if not aug.scale and not aug.hflip and not aug.rand_augment and not aug.re_prob:
+        return eval_transform(pp)
+    scale = tuple(aug.scale) if aug.scale else (1.0, 1.0)
+    ratio = (3 / 4, 4 / 3) if aug.scale else (1.0, 1.0)
+    return create_transform(
+        pp.img_size, is_training=True, scale=scale, ratio=ratio, hflip=aug.hflip or 0.0, vflip=0.0,
+        auto_augment=aug.rand_augment, interpolation=pp.interpolation, mean=pp.mean, std=pp.std,
+        re_prob=aug.re_prob or 0.0, re_mode="pixel", re_count=1,
+    )
+
+
+class ImageSet(Dataset):
+    """A `datasets` split with a transform; yields ``(image tensor, label)`` or two views (SimCLR)."""
+
+    def __init__(self, ds: datasets.Dataset, transform, channels: int, views: int = 1):
+        self.ds, self.transform, self.mode, self.views = ds, transform, ("L" if channels == 1 else "RGB"), views
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        row = self.ds[int(i)]
+        img = row["image"].convert(self.mode)
+        if self.views == 1:
+            return self.transform(img), row["label"]
+        # SimCLR: independent augmentations of the *same* image are the positive pair.
+        return tuple(self.transform(img) for _ in range(self.views)), row["label"], int(i)
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation that depends only on (seed, epoch): reproducible, resumable data order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class DataCache:
+    """Per-process cache: many runs of a zoo share one dataset and its evaluation tensors."""
+
+    def __init__(self) -> None:
+        self._splits: dict[str, SplitData] = {}
+        self._tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _key(cfg: DataConfig) -> str:
+        return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+    def splits(self, cfg: DataConfig) -> SplitData:
+        k = self._key(cfg)
+        if k not in self._splits:
+            self._splits[k] = load_splits(cfg)
+        return self._splits[k]
+
+    def eval_tensors(self, cfg: DataConfig, split: str, pp: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images of a split through the eval transform, stacked once and reused."""
+        key = (self._key(cfg), split, pp)
+        if key not in self._tensors:
+            ds = getattr(self.splits(cfg), split)
+            loader = DataLoader(ImageSet(ds, eval_transform(pp), pp.channels), batch_size=256,
+                                num_workers=cfg.num_workers)
+            xs, ys = zip(*loader) if len(ds) else ((), ())
+            self._tensors[key] = (torch.cat(xs), torch.cat(ys))
+        return self._tensors[key]
+
+
+def train_loader(cache: DataCache, cfg: DataConfig, pp: Preprocessing, aug: AugConfig, batch_size: int,
+                 data_seed: int, views: int = 1) -> tuple[DataLoader, EpochSampler]:
+    """The training loader; for un-augmented single-view training it serves cached tensors."""
+    split = cache.splits(cfg).train
+    if views == 1 and train_transform(pp, aug) is not None and _is_plain(aug):
+        x, y = cache.eval_tensors(cfg, "train", pp)
+        ds: Dataset = torch.utils.data.TensorDataset(x, y)
+        workers = 0
+    else:
+        ds = ImageSet(split, train_transform(pp, aug), pp.channels, views=views)
+        workers = cfg.num_workers
+    sampler = EpochSampler(len(ds), data_seed)
+    drop_last = len(ds) >= batch_size  # equal-sized batches (mixup needs even ones); tiny sets keep all
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
+                        persistent_workers=False)
+    return loader, sampler
+
+
+def _is_plain(aug: AugConfig) -> bool:
+    return not aug.scale and not aug.hflip and not aug.rand_augment and not aug.re_prob

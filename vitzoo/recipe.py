@@ -1,0 +1,660 @@
+"""Recipes: commented YAML validated into typed dataclasses.
+
+A recipe names a zoo and lists its stages in order (for ViT zoos ``pretrain`` then ``finetune``;
+the classic CNN zoos have one ``train`` stage). Every stage has fixed settings (the dataclass
+fields) and ``grid`` axes over any of those settings; the zoo is the product of the axes times the
+seeds, or a reproducible random sample of it.
+
+Everything is checked here, before any training: unknown keys, wrong types, impossible values and
+empty grids raise :class:`RecipeError` naming the file, the key and what is allowed. This module
+knows nothing of torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from vitzoo import presets
+from vitzoo.errors import VitzooError
+
+
+class RecipeError(VitzooError, ValueError):
+    """A recipe is invalid. The message names the file, the key and what is allowed."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    """Where a stage's images come from. All sources are read through `datasets`."""
+
+    source: str = "builtin:digits"
+    """``builtin:digits`` / ``builtin:shapes`` (offline), ``hf:<hub dataset id>``,
+    ``imagefolder:<dir>`` or ``parquet:<dir or file>``."""
+    config: str | None = None
+    """Hub dataset configuration name (``datasets.load_dataset(id, config)``)."""
+    train_split: str = "train"
+    val_split: str | None = None
+    """Validation split; when None, ``val_fraction`` of train is carved off deterministically."""
+    test_split: str | None = "test"
+    """Held-out split, reported only: never used for model selection."""
+    val_fraction: float = 0.1
+    split_seed: int = 42
+    """Seed of the train/val carve (the reference zoos use 42)."""
+    image_column: str = "image"
+    label_column: str = "label"
+    channels: int = 3
+    """Channels the model sees: 1 (grayscale) or 3 (RGB); images are converted."""
+    max_train_samples: int | None = None
+    """Cap the training set (after the val carve); for quick runs."""
+    max_eval_samples: int | None = None
+    """Cap each evaluation split; for quick runs on big datasets."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    revision: str | None = None
+    """Hub dataset revision (commit, tag, branch) to pin the data."""
+
+    def __post_init__(self) -> None:
+        kinds = ("builtin:", "hf:", "imagefolder:", "parquet:")
+        if not self.source.startswith(kinds):
+            raise ValueError(f"source must start with one of {', '.join(kinds)}; got {self.source!r}")
+        if self.source.startswith("builtin:") and self.source[8:] not in ("digits", "shapes"):
+            raise ValueError(f"unknown builtin dataset {self.source!r}; allowed: builtin:digits, builtin:shapes")
+        _check_range("val_fraction", self.val_fraction, 0.0, 0.9)
+        if self.val_split is None and self.val_fraction <= 0:
+            raise ValueError("no val_split and val_fraction is 0: a validation split is required")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3; got {self.channels}")
+        for k in ("max_train_samples", "max_eval_samples"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ValueError(f"{k} must be >= 1; got {v}")
+
+
+@dataclass
+class ModelConfig:
+    """The architecture. ``variant`` names a preset; the other fields override it."""
+
+    variant: str = "S/16"
+    """ViT ``<size>/<patch>`` (mu, Ti, S, M, B, L; ``micro`` = mu/4) or cnn-s, cnn-m, resnet18."""
+    img_size: int | None = None
+    """Input resolution; default 224 for ViTs (32 for micro), fixed for the CNNs."""
+    patch_size: int | None = None
+    """Override the variant's patch size."""
+    drop_path_rate: float = 0.0
+    activation: str | None = None
+    """CNN activation: tanh, relu, sigmoid, gelu, leaky_relu (ViTs use GELU)."""
+    dropout: float = 0.0
+    """CNN dropout probability (after the activation, as in the reference)."""
+    init: str | None = None
+    """CNN init scheme: U, N, KU, KN, xavier (biases 0.01, as in the reference)."""
+
+    def __post_init__(self) -> None:
+        vit = presets.parse_vit_variant(self.variant)
+        if vit is None and self.variant not in presets.CNN_VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; allowed: {', '.join(presets.known_variants())}")
+        if vit is not None and (self.activation or self.init or self.dropout):
+            raise ValueError("activation, init and dropout apply to the CNN variants only")
+        _check_range("drop_path_rate", self.drop_path_rate, 0.0, 1.0)
+        _check_range("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        for k in ("img_size", "patch_size"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ValueError(f"{k} must be >= 1; got {v}")
+        if vit is not None:
+            img, patch = self.resolved_img_size, self.resolved_patch_size
+            if img % patch:
+                raise ValueError(f"img_size {img} is not a multiple of patch_size {patch}")
+
+    @property
+    def is_vit(self) -> bool:
+        return presets.parse_vit_variant(self.variant) is not None
+
+    @property
+    def resolved_patch_size(self) -> int:
+        vit = presets.parse_vit_variant(self.variant)
+        assert vit is not None
+        return self.patch_size or vit[1]
+
+    @property
+    def resolved_img_size(self) -> int:
+        vit = presets.parse_vit_variant(self.variant)
+        if vit is None:
+            return self.img_size or {"cnn-s": 28, "cnn-m": 32, "resnet18": 32}[self.variant]
+        return self.img_size or presets.VIT_DEFAULT_IMG_SIZE.get(vit[0], 224)
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the stage optimises."""
+
+    name: Literal["supervised", "simclr"] = "supervised"
+    temperature: float = 0.07
+    """InfoNCE temperature (simclr)."""
+    proj_dim: int = 128
+    """Output size of the SimCLR projection head."""
+    knn_k: int = 20
+    """Neighbours of the kNN accuracy reported for contrastive stages."""
+    knn_bank_size: int = 10000
+    """Training images embedded for the kNN bank (a cap: ImageNet has 1.28M)."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0; got {self.temperature}")
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer; ``name`` picks a preset whose lr/weight_decay/momentum the other fields override."""
+
+    name: str = "adamw"
+    """adamw, adam, sgd (momentum), nesterov, lamb, lion."""
+    lr: float | None = None
+    """Peak learning rate; default the preset's."""
+    weight_decay: float | None = None
+    momentum: float | None = None
+    """SGD momentum; default 0.9."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm; null disables."""
+
+    def __post_init__(self) -> None:
+        if self.name not in presets.OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.name!r}; allowed: {', '.join(presets.OPTIMIZERS)}")
+        for k in ("lr", "weight_decay", "momentum"):
+            v = getattr(self, k)
+            if v is not None and v < 0:
+                raise ValueError(f"{k} must be >= 0; got {v}")
+        if self.lr is not None and self.lr == 0:
+            raise ValueError("lr must be > 0")
+
+    def resolved(self) -> dict[str, Any]:
+        """The preset merged with the overrides (what the trainer uses)."""
+        out = dict(presets.OPTIMIZERS[self.name])
+        for k in ("lr", "weight_decay", "momentum"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
+        return out
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, stepped per optimizer step."""
+
+    name: Literal["cosine", "constant", "onecycle"] = "cosine"
+    warmup: str = "0ep"
+    """Linear warmup as a duration with a unit: ``2ep`` (epochs) or ``500st`` (steps)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak (cosine)."""
+
+    def __post_init__(self) -> None:
+        parse_duration(self.warmup)
+        _check_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+
+
+@dataclass
+class AugConfig:
+    """Training augmentation; ``level`` picks a preset (none/light/medium/strong), fields override it."""
+
+    level: str = "none"
+    scale: list[float] | None = None
+    """RandomResizedCrop scale range; null = plain resize."""
+    hflip: float | None = None
+    rand_augment: str | None = None
+    """timm RandAugment config string, e.g. ``rand-m9-mstd0.5-inc1``."""
+    mixup: float | None = None
+    """Mixup alpha (0 = off)."""
+    cutmix: float | None = None
+    """CutMix alpha (0 = off)."""
+    re_prob: float | None = None
+    """Random-erasing probability."""
+    label_smoothing: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.level not in presets.AUG_LEVELS:
+            raise ValueError(f"unknown aug level {self.level!r}; allowed: {', '.join(presets.AUG_LEVELS)}")
+        base = presets.AUG_LEVELS[self.level]
+        for k, v in base.items():  # resolve the preset into the fields: the resolved config is explicit
+            if getattr(self, k) is None and v is not None:
+                setattr(self, k, copy.copy(v))
+        for k in ("hflip", "re_prob", "label_smoothing"):
+            v = getattr(self, k)
+            if v is not None:
+                _check_range(k, v, 0.0, 1.0)
+        for k in ("mixup", "cutmix"):
+            v = getattr(self, k)
+            if v is not None and v < 0:
+                raise ValueError(f"{k} must be >= 0; got {v}")
+        if self.scale is not None and not (len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1):
+            raise ValueError(f"scale must be [lo, hi] with 0 < lo <= hi <= 1; got {self.scale}")
+        if self.rand_augment is not None and not self.rand_augment.startswith("rand"):
+            raise ValueError(f"rand_augment must be a timm RandAugment string like 'rand-m9-mstd0.5'; got {self.rand_augment!r}")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning from the models of an earlier stage: each parent × this stage's grid."""
+
+    parent_stage: str = "pretrain"
+    parent_epoch: str = "last"
+    """Which parent state to start from: ``last`` or an epoch number (a saved checkpoint)."""
+    mode: Literal["full", "linear", "lora"] = "full"
+    """full fine-tuning, linear probe (frozen backbone), or LoRA adapters (peft)."""
+    head: Literal["linear", "mlp"] = "linear"
+    head_hidden: int | None = None
+    """Hidden width of the MLP head; default the backbone width."""
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    """Module names that get LoRA adapters (timm ViT naming)."""
+
+    def __post_init__(self) -> None:
+        if self.parent_epoch != "last" and not str(self.parent_epoch).isdigit():
+            raise ValueError(f"parent_epoch must be 'last' or an epoch number; got {self.parent_epoch!r}")
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1; got {self.lora_r}")
+
+
+@dataclass
+class SeedConfig:
+    """Seeds: the repetitions of every grid point.
+
+    ``init`` lists the initialisation seeds (``[0, 1]`` or a range ``"1..1000"``). With
+    ``random: N`` each grid point instead gets N seeds drawn from the recipe's sampling seed and
+    recorded per model (the reference "Hyp-10-rand" zoos). ``data`` sets the data-order seed:
+    ``same`` (equal to the init seed), ``fixed`` (one data order for all models: ``fixed_data_seed``)
+    or ``offset`` (init seed + 1000003, decorrelated from init).
+    """
+
+    init: list[int] = field(default_factory=lambda: [0])
+    random: int = 0
+    data: Literal["same", "fixed", "offset"] = "same"
+    fixed_data_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.init and not self.random:
+            raise ValueError("no seeds: give init seeds or random: N")
+        if len(set(self.init)) != len(self.init):
+            raise ValueError(f"init seeds repeat: {self.init}")
+        if self.random < 0:
+            raise ValueError(f"random must be >= 0; got {self.random}")
+
+
+@dataclass
+class SampleConfig:
+    """Train a fixed-size random subset of the grid × seeds, reproducible from ``seed``."""
+
+    n: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1; got {self.n}")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a zoo: fixed settings, grid axes over them, and seeds."""
+
+    name: str = "train"
+    finetune: FinetuneConfig | None = None
+    """Present for fine-tuning stages: which parent stage and how."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig | None = None
+    """The architecture (fine-tuning stages inherit their parent's)."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int | None = None
+    """Default: 4 × batch_size."""
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Mixed precision; auto = bf16 where the device supports it, else fp32."""
+    checkpoint_every: int = 1
+    """Save a checkpoint every N epochs; epoch 0 (the initialisation) and the last are always saved."""
+    checkpoint_epochs: list[int] | None = None
+    """Explicit epochs to save instead of checkpoint_every (0 and the last are added)."""
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    """Axes: setting name (``lr``, ``optimizer.name``, ``aug``, ``model``...) to a list of values."""
+    seeds: SeedConfig = field(default_factory=SeedConfig)
+    sample: SampleConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
+            raise ValueError(f"stage name must be lowercase letters, digits and _; got {self.name!r}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1; got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1; got {self.checkpoint_every}")
+        if self.finetune is None and self.model is None:
+            raise ValueError("a stage without `finetune` needs a `model`")
+        if self.finetune is not None and self.model is not None:
+            raise ValueError("a fine-tuning stage inherits its parent's `model`; remove `model`")
+        if self.objective.name == "simclr" and self.finetune is not None:
+            raise ValueError("fine-tuning stages are supervised; objective simclr is for pre-training")
+        if self.finetune is not None and self.finetune.parent_epoch != "last":
+            pass  # checked against the parent stage in Recipe.__post_init__
+
+    def saved_epochs(self) -> list[int]:
+        """Epochs whose state is saved: 0, every N-th (or the explicit list), and the last."""
+        if self.checkpoint_epochs is not None:
+            eps = {e for e in self.checkpoint_epochs if 0 <= e <= self.epochs}
+        else:
+            eps = set(range(0, self.epochs + 1, self.checkpoint_every))
+        return sorted(eps | {0, self.epochs})
+
+
+@dataclass
+class Recipe:
+    """A zoo: a name, a sampling seed and its stages in order."""
+
+    name: str
+    stages: list[StageConfig]
+    description: str = ""
+    seed: int = 0
+    """Sampling seed: random grid samples and random per-model seeds derive from it."""
+    license: str = "mit"
+    """License written into the zoo's cards."""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ValueError(f"name must be letters, digits, '-', '_' or '.'; got {self.name!r}")
+        if not self.stages:
+            raise ValueError("a recipe needs at least one stage")
+        seen: dict[str, StageConfig] = {}
+        for st in self.stages:
+            if st.name in seen:
+                raise ValueError(f"stage {st.name!r} appears twice")
+            if st.finetune is not None:
+                parent = seen.get(st.finetune.parent_stage)
+                if parent is None:
+                    raise ValueError(
+                        f"stage {st.name!r}: parent_stage {st.finetune.parent_stage!r} is not an earlier stage"
+                        f" (earlier: {', '.join(seen) or 'none'})"
+                    )
+                pe = st.finetune.parent_epoch
+                if pe != "last":
+                    for p in _stage_variants(parent):
+                        if int(pe) not in p.saved_epochs():
+                            raise ValueError(
+                                f"stage {st.name!r}: parent_epoch {pe} is not saved by stage {parent.name!r}"
+                                f" (saved: {p.saved_epochs()})"
+                            )
+            seen[st.name] = st
+
+    source = "<recipe>"
+    """Where the recipe was read from (for error messages); not part of the recipe."""
+
+    def stage(self, name: str) -> StageConfig:
+        for st in self.stages:
+            if st.name == name:
+                return st
+        raise KeyError(f"no stage {name!r} in recipe {self.name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (presets expanded); written into every zoo."""
+        d = dataclasses.asdict(self)
+        d["stages"] = {s.pop("name"): s for s in d["stages"]}
+        return d
+
+
+# --------------------------------------------------------------------------- grid axes
+
+#: Short names for the axes users vary most, mapped to dotted paths in StageConfig.
+AXIS_ALIASES = {
+    "lr": "optimizer.lr",
+    "weight_decay": "optimizer.weight_decay",
+    "wd": "optimizer.weight_decay",
+    "momentum": "optimizer.momentum",
+    "head": "finetune.head",
+    "mode": "finetune.mode",
+    "activation": "model.activation",
+    "dropout": "model.dropout",
+    "init": "model.init",
+    "variant": "model.variant",
+    "temperature": "objective.temperature",
+}
+
+
+def axis_path(key: str) -> str:
+    return AXIS_ALIASES.get(key, key)
+
+
+def apply_axes(stage: StageConfig, values: dict[str, Any], where: str = "") -> StageConfig:
+    """Return a copy of ``stage`` with grid values applied and validated, grid/seeds/sample cleared."""
+    raw = _stage_to_raw(stage)
+    for key, value in values.items():
+        _set_path(raw, axis_path(key).split("."), value)
+    raw.pop("grid", None)
+    raw.pop("sample", None)
+    raw["seeds"] = {"init": [0]}
+    return _build(StageConfig, raw, where or f"stages.{stage.name}")
+
+
+def _stage_variants(stage: StageConfig) -> list[StageConfig]:
+    """The stage with each value of each grid axis applied (one axis at a time: cheap validation)."""
+    out = []
+    for key, values in stage.grid.items():
+        for v in values:
+            out.append(apply_axes(stage, {key: v}, f"stages.{stage.name}.grid.{key}"))
+    return out or [stage]
+
+
+def _stage_to_raw(stage: StageConfig) -> dict[str, Any]:
+    raw = dataclasses.asdict(stage)
+    return raw
+
+
+def _set_path(raw: dict[str, Any], parts: list[str], value: Any) -> None:
+    head, *rest = parts
+    if not rest:
+        # A preset name may replace a whole section: `aug: strong`, `optimizer: sgd`, `model: S/16`.
+        if isinstance(value, str) and head in _PRESET_FIELD:
+            raw[head] = {_PRESET_FIELD[head]: value}
+        elif isinstance(value, dict) and isinstance(raw.get(head), dict):
+            raw[head] = {**_reset_preset(head, raw[head]), **value}
+        else:
+            raw[head] = value
+        return
+    sub = raw.get(head)
+    if sub is None:
+        sub = raw[head] = {}
+    if not isinstance(sub, dict):
+        raise RecipeError(f"grid axis {'.'.join(parts)!r}: {head!r} is not a section")
+    _set_path(sub, rest, value)
+
+
+def _reset_preset(head: str, section: dict[str, Any]) -> dict[str, Any]:
+    return section if head not in _PRESET_FIELD else {}
+
+
+#: Sections that accept a bare preset name, and the field that name goes to.
+_PRESET_FIELD = {"model": "variant", "aug": "level", "optimizer": "name", "schedule": "name", "objective": "name",
+                 "data": "source"}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file. Raises RecipeError naming the file and key at fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    return recipe_from_dict(data, source=str(path))
+
+
+def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with keys name, stages, ...")
+    data = copy.deepcopy(data)
+    stages = data.get("stages")
+    if isinstance(stages, dict):  # `stages: {pretrain: {...}, finetune: {...}}` keeps order
+        data["stages"] = [{"name": k, **(v or {})} for k, v in stages.items()]
+    try:
+        recipe = _build(Recipe, data, "")
+        for st in recipe.stages:  # every grid value must validate on its own
+            _check_grid(st)
+    except RecipeError as e:
+        msg = str(e)
+        for i, st in enumerate(data.get("stages") or []):  # name stages as the YAML does: stages.pretrain.x
+            if isinstance(st, dict) and "name" in st:
+                msg = msg.replace(f"stages[{i}]", f"stages.{st['name']}")
+        raise RecipeError(f"{source}: {msg}") from None
+    recipe.source = source  # not a field: errors found later (plan expansion) name the file too
+    return recipe
+
+
+def _check_grid(stage: StageConfig) -> None:
+    where = f"stages.{stage.name}.grid"
+    fields = {f.name for f in dataclasses.fields(StageConfig)} - {"grid", "seeds", "sample", "name", "finetune"}
+    for key, values in stage.grid.items():
+        path = axis_path(key)
+        top = path.split(".")[0]
+        if top not in fields | {"finetune"}:
+            raise RecipeError(f"{where}.{key}: unknown axis; allowed: {', '.join(sorted(fields | set(AXIS_ALIASES)))}")
+        if top == "finetune" and stage.finetune is None:
+            raise RecipeError(f"{where}.{key}: only fine-tuning stages have {path!r}")
+        if top == "model" and stage.finetune is not None:
+            raise RecipeError(f"{where}.{key}: a fine-tuning stage inherits its parent's model")
+        if not isinstance(values, list) or not values:
+            raise RecipeError(f"{where}.{key}: an axis is a non-empty list of values; got {values!r}")
+        seen = []
+        for v in values:
+            if v in seen:
+                raise RecipeError(f"{where}.{key}: value {v!r} repeats")
+            seen.append(v)
+    _stage_variants(stage)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from plain data, rejecting unknown keys and wrong types."""
+    if cls in _PRESET_CLASSES and isinstance(data, str):
+        data = {_PRESET_CLASSES[cls]: data}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where or 'recipe'}: expected a mapping for {cls.__name__}; got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        k = unknown[0]
+        raise RecipeError(f"{_join(where, str(k))}: unknown key; allowed: {', '.join(names)}")
+    kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecipeError(f"{_join(where, missing[0])}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except RecipeError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"{where or 'recipe'}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(a, value, where)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(errors[-1] if len(errors) == 1 else f"{where}: {_show(value)} is not valid here ({'; '.join(errors)})")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{where}: {_show(value)} is not allowed; allowed: {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            if tp == list[int] and isinstance(value, str) and ".." in value:
+                return _parse_range(value, where)
+            raise RecipeError(f"{where}: expected a list; got {_show(value)}")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping; got {_show(value)}")
+        return {str(k): _coerce(args[1], v, _join(where, str(k))) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: expected true/false; got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{where}: expected an integer; got {_show(value)}")
+        return value
+    if tp is float:
+        # YAML 1.1 reads `1e-3` as a string; accept it as the number it plainly is.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: expected a number; got {_show(value)}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. `parent_epoch: 10`
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: expected a string; got {_show(value)}")
+        return value
+    raise TypeError(f"unsupported type {tp} at {where}")  # a bug in this module, not in a recipe
+
+
+_PRESET_CLASSES = {ModelConfig: "variant", AugConfig: "level", OptimizerConfig: "name", ScheduleConfig: "name",
+                   ObjectiveConfig: "name", DataConfig: "source"}
+
+
+def _parse_range(text: str, where: str) -> list[int]:
+    m = re.fullmatch(r"\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*", text)
+    if not m or int(m[1]) > int(m[2]):
+        raise RecipeError(f"{where}: a range is written 'first..last' (inclusive), e.g. '1..1000'; got {text!r}")
+    return list(range(int(m[1]), int(m[2]) + 1))
+
+
+def parse_duration(text: str) -> tuple[float, str]:
+    """Parse ``"2ep"`` / ``"500st"`` into (value, unit). Unit is ``ep`` or ``st``."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ep|st)\s*", str(text))
+    if not m:
+        raise ValueError(f"a duration is a number with a unit, 'ep' (epochs) or 'st' (steps), e.g. '2ep'; got {text!r}")
+    return float(m[1]), m[2]
+
+
+def _check_range(name: str, v: float, lo: float, hi: float, hi_open: bool = False) -> None:
+    if not (lo <= v <= hi) or (hi_open and v >= hi):
+        raise ValueError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'}; got {v}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _show(v: Any) -> str:
+    return f"{v!r} ({type(v).__name__})"

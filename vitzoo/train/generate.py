@@ -1,0 +1,163 @@
+"""Generate a zoo: plan, shard runs over processes, train, index. Resumable and restartable.
+
+Under ``accelerate launch`` with N processes every process expands the same plan (ids are a pure
+function of the recipe) and trains the runs ``i, i+N, i+2N, ...`` of each stage on its own device:
+independent models need no gradient sync. Stages are separated by a barrier (fine-tuning needs
+its parents); only process 0 writes the zoo-level files (``recipe.yaml``, ``zoo.json``,
+``index.parquet``). Running ``generate`` again on the same folder skips finished models and
+continues unfinished ones; a different recipe under an existing zoo is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vitzoo.errors import VitzooError
+from vitzoo.plan import Plan, canonical_json, expand, shard
+from vitzoo.recipe import Recipe, RecipeError, load_recipe
+from vitzoo.zoo.index import write_index
+from vitzoo.zoo.io import FORMAT_VERSION, write_json, write_text
+from vitzoo.zoo.provenance import provenance
+
+
+class ZooConflictError(VitzooError, RuntimeError):
+    """The output folder holds a zoo made from a different recipe (or is not a zoo)."""
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    return hashlib.sha256(canonical_json(recipe.to_dict()).encode()).hexdigest()
+
+
+def check_target(out: Path, recipe: Recipe) -> bool:
+    """Return True if ``out`` already holds this recipe's zoo; raise if it holds another."""
+    meta = out / "zoo.json"
+    if not out.exists():
+        return False
+    if not meta.is_file():
+        if any(out.iterdir()):
+            raise ZooConflictError(f"{out}: exists, is not empty and is not a zoo; choose another --out")
+        return False
+    old = json.loads(meta.read_text())
+    if old.get("recipe_sha256") != recipe_digest(recipe):
+        raise ZooConflictError(
+            f"{out}: this zoo was generated from a different recipe ({old.get('name')!r}, recipe sha256 "
+            f"{str(old.get('recipe_sha256'))[:12]}…); the recipe given resolves to {recipe_digest(recipe)[:12]}…. "
+            f"Generate into a new folder, or restore the recipe (see {out / 'recipe.yaml'})."
+        )
+    return True
+
+
+def generate(recipe_path: str | Path, out: str | Path, *, progress: bool = True, max_runs: int | None = None,
+             log=print, stop_after_epoch: int | None = None) -> dict[str, Any]:
+    """Generate (or resume) the zoo of ``recipe_path`` into ``out``. Returns zoo.json's content."""
+    import torch
+    from accelerate import PartialState
+
+    from vitzoo.train.loop import RunContext, train_run
+
+    recipe = load_recipe(recipe_path)
+    plan = expand(recipe)  # every recipe error surfaces here, before any training
+    out = Path(out)
+    # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` (torchrun) on a CPU-only
+    # machine then join one gloo group (accelerate's MULTI_CPU) instead of each running alone.
+    # The long timeout: a stage can last days, and barriers must not time out meanwhile.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(days=7))
+    resuming = check_target(out, recipe)
+    t0 = time.time()
+    state.wait_for_everyone()  # every process has checked the folder before process 0 writes into it
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            _write_recipe(out, recipe)
+            write_json(out / "zoo.json", _zoo_json(recipe, plan, state.num_processes, status="generating"))
+    state.wait_for_everyone()
+
+    ctx = RunContext(zoo_root=out, device=state.device, progress=progress and state.is_main_process,
+                     hardware=provenance(state.num_processes)["hardware"], stop_after_epoch=stop_after_epoch,
+                     log=lambda m: log(f"[{state.process_index}] {m}" if state.num_processes > 1 else m))
+    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, state.num_processes if state.device.type == "cpu"
+                                                                  else 1)))
+    done_here = 0
+    for stage in recipe.stages:
+        runs = plan.stage_runs(stage.name)
+        if max_runs is not None:
+            runs = runs[:max_runs]
+        mine = shard(runs, state.process_index, state.num_processes)
+        bar = _zoo_bar(ctx, len(mine), stage.name)
+        for spec in mine:
+            info = train_run(spec, ctx)
+            done_here += 1
+            ctx.log(_summary(info))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        state.wait_for_everyone()
+        if state.is_main_process:
+            write_index(out)
+    result: dict[str, Any] = {}
+    if state.is_main_process:
+        df = write_index(out)
+        meta = json.loads((out / "zoo.json").read_text())
+        finals = df[df["final"]] if len(df) else df
+        meta.update(
+            status="complete" if len(finals) == len(plan.runs) else "partial",
+            counts={s.name: int((finals["stage"] == s.name).sum()) if len(finals) else 0 for s in recipe.stages},
+            planned=plan.counts(),
+            diverged=int((finals["status"] == "diverged").sum()) if len(finals) else 0,
+            wall_time_s=round(meta.get("wall_time_s", 0.0) + time.time() - t0, 1),
+            finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        write_json(out / "zoo.json", meta)
+        _render_cards(out)
+        result = meta
+    state.wait_for_everyone()
+    return result
+
+
+def _write_recipe(out: Path, recipe: Recipe) -> None:
+    header = (f"# Resolved recipe of zoo {recipe.name!r}: presets expanded, exactly what was planned.\n"
+              f"# Regenerate or resume with: vitzoo generate recipe.yaml --out <this folder>\n")
+    write_text(out / "recipe.yaml", header + yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def _zoo_json(recipe: Recipe, plan: Plan, num_processes: int, status: str) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "name": recipe.name, "description": recipe.description,
+            "license": recipe.license, "recipe_sha256": recipe_digest(recipe), "status": status,
+            "planned": plan.counts(), "provenance": provenance(num_processes)}
+
+
+def _render_cards(out: Path) -> None:
+    try:
+        from vitzoo import cards
+    except ImportError:
+        return
+    render = getattr(cards, "render_zoo_cards", None)
+    if render is not None:
+        render(out)
+
+
+def _summary(info: dict[str, Any]) -> str:
+    h = info["history"][-1] if info.get("history") else {}
+    acc = h.get("test_acc") if h.get("test_acc") is not None else h.get("val_acc")
+    accs = f"{acc:.3f}" if isinstance(acc, (int, float)) else "n/a"
+    return (f"{info['run_id']}: {info['status']} epoch {info['final_epoch']} test_acc {accs} "
+            f"({info.get('wall_time_s', 0):.1f}s)")
+
+
+def _zoo_bar(ctx, total: int, stage: str):
+    if not ctx.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"zoo:{stage}", unit="model", position=0, dynamic_ncols=True)
+
+
+__all__ = ["generate", "check_target", "ZooConflictError", "RecipeError"]

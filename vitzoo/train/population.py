@@ -1,0 +1,598 @@
+"""Population training: many models of one architecture trained together, vectorised over models.
+
+Why: the classic zoos are thousands of tiny models (CNN-s has 2,464 parameters) trained at batch
+size 10. Trained one by one, every step is a handful of kernel launches on a few kilobytes, so the
+device idles and Python overhead dominates. Stacking the parameters of P models and running one
+``torch.func.vmap``-ed forward/backward over all of them turns P tiny launches into one P-times
+larger launch (vmap lowers batched convolutions to grouped convolutions), with every model still
+on its own data order, its own optimizer state and its own hyperparameters.
+
+API (no dependency on recipes or the zoo writer; ``population_adapter`` maps RunSpecs to this)::
+
+    members = [PopulationMember(init_seed=s, data_seed=s, optimizer="adam", lr=3e-4,
+                                activation="tanh", init="U") for s in range(1, 1001)]
+
+    def on_epoch(epoch, states, metrics):
+        # epoch 0 is the untrained model; states[i] maps state-dict keys (module_list.0.weight...)
+        # to tensors of model metrics[i]["index"] (its position in `members`). The tensors are
+        # live views: save or clone them inside the callback.
+        ...
+
+    history = train_population("cnn-s", 1, 10, members, train_x, train_y,
+                               evals={"train": (train_x, train_y), "val": (vx, vy), "test": (tx, ty)},
+                               epochs=50, batch_size=10, device="cuda", on_epoch=on_epoch)
+    # history[i] = [metrics of epoch 0, 1, ..., epochs] of members[i]
+
+Semantics, shared exactly by the vectorised engine and the reference loop (:func:`train_one_by_one`):
+
+- Init: ``vitzoo.models.cnn.build_cnn(arch, ..., seed=member.init_seed)`` (local generator).
+- Data order: epoch ``e`` (1-based) visits the training set in the order
+  :func:`epoch_permutation` ``(data_seed, e, N)``; batches are consecutive slices of it, the last
+  one may be smaller (like a DataLoader with ``shuffle=True, drop_last=False``).
+- Loss: ``F.cross_entropy`` (= log_softmax + NLL, mean over the batch).
+- Optimizers: ``adam`` matches ``torch.optim.Adam`` (coupled, L2-style ``weight_decay`` added to the
+  gradient) and ``sgd`` matches ``torch.optim.SGD(momentum=..., dampening=0, nesterov=False)``,
+  op for op (single-tensor implementation), with per-model lr / weight decay / momentum.
+- Schedule: a per-step multiplier of each model's lr (``constant``, ``cosine``, ``onecycle`` as
+  ``torch.optim.lr_scheduler.OneCycleLR``'s lr curve with its defaults, momentum not cycled), or any
+  ``f(step, total_steps) -> float``; the reference loop applies the same through ``LambdaLR``.
+- Divergence: a step whose loss or gradient is not finite is not applied and the model is frozen
+  from then on (``status: diverged``, ``diverged_step``); the others go on. No host sync per step:
+  the check is a device-side mask.
+- Metrics per epoch and eval set: ``<name>_loss`` (mean CE) and ``<name>_acc`` (top-1), models in
+  eval mode.
+
+Known differences (documented, tested where possible):
+
+- Floating point: a vmap-ed (grouped) convolution sums in a different order than a single one,
+  so population and reference agree to float tolerance, not bitwise (tests/test_population.py).
+- Dropout: the population draws independent masks per model from one seeded stream
+  (``vmap(randomness="different")``); a model's masks therefore depend on its population, and the
+  reference loop draws its own (seeded per model). Both are reproducible; they are not equal.
+- ResNet-18 (batchnorm, random crop + flip) is trained one by one by this module (``mode`` auto):
+  running statistics under vmap need a functional batchnorm that is not written yet, and an 11M
+  parameter model at batch 128-256 already fills a device far better than CNN-s at batch 10.
+
+Population size: :func:`max_population_size` estimates how many models fit in (a fraction of) the
+device memory; larger member lists are split into sub-populations, and members that cannot share
+one forward (different activation or dropout: a different module) or one update rule (optimizer)
+are grouped apart. If a sub-population still runs out of memory in its first step it is halved.
+On CPU, groups of fewer than ``MIN_POPULATION['cpu']`` models are trained by the reference loop
+(below that the vectorised step is not faster; see benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from vitzoo.models.cnn import build_cnn
+
+Schedule = str | Callable[[int, int], float]
+OnEpoch = Callable[[int, list[dict[str, Tensor]], list[dict[str, Any]]], None]
+EvalSets = dict[str, tuple[Tensor, Tensor]]
+
+VECTORISED_ARCHS = ("cnn-s", "cnn-m")
+
+#: Smallest group that ``auto`` mode vectorises, per device type. Measured on a 2-core CPU
+#: (benchmarks/RESULTS.md): at 2 models the vmap-ed step costs about what two plain steps cost,
+#: from ~8 on it is clearly cheaper. On GPUs any group of 2+ gains.
+MIN_POPULATION = {"cpu": 8, "cuda": 2}
+
+
+@dataclass(frozen=True)
+class PopulationMember:
+    """One model of a population: its seeds, optimizer hyperparameters and architecture options."""
+
+    init_seed: int
+    data_seed: int
+    optimizer: str = "adam"
+    """``adam`` or ``sgd`` (momentum SGD)."""
+    lr: float = 1e-3
+    """Peak learning rate (the schedule multiplies it)."""
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    """SGD momentum (ignored by Adam)."""
+    activation: str | None = None
+    dropout: float = 0.0
+    init: str | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd'; got {self.optimizer!r}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.momentum < 0:
+            raise ValueError(f"invalid hyperparameters: lr={self.lr}, wd={self.weight_decay}, momentum={self.momentum}")
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, decorrelated (sha256), stable across platforms and versions."""
+    h = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
+def epoch_permutation(data_seed: int, epoch: int, n: int) -> Tensor:
+    """The order in which a model with ``data_seed`` visits ``n`` training samples in ``epoch``.
+
+    A CPU generator seeded per (data_seed, epoch): the same on every device and independent of how
+    many models train together or in which order, which is what makes a population member's data
+    order identical to its one-by-one run.
+    """
+    g = torch.Generator(device="cpu").manual_seed(_mix_seed(data_seed, epoch))
+    return torch.randperm(n, generator=g)
+
+
+def lr_factor(schedule: Schedule, step: int, total: int) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based) of ``total``."""
+    if callable(schedule):
+        return float(schedule(step, total))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    if schedule == "onecycle":
+        # torch.optim.lr_scheduler.OneCycleLR defaults: pct_start .3, div_factor 25,
+        # final_div_factor 1e4, cosine annealing, two phases.
+        initial, final = 1.0 / 25.0, 1.0 / 25.0 / 1e4
+        end1 = 0.3 * total - 1
+        end2 = total - 1
+
+        def cos_anneal(start: float, end: float, pct: float) -> float:
+            return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+        if step <= end1:
+            return cos_anneal(initial, 1.0, step / end1 if end1 > 0 else 1.0)
+        return cos_anneal(1.0, final, (step - end1) / (end2 - end1) if end2 > end1 else 1.0)
+    raise ValueError(f"unknown schedule {schedule!r}; allowed: constant, cosine, onecycle or a callable")
+
+
+def crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
+    """Random crop (zero padding ``pad``) + horizontal flip per sample, on x's device, no host sync."""
+    b, _, h, w = x.shape
+    dev = x.device
+    xp = F.pad(x, (pad, pad, pad, pad))
+    off = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator, device=generator.device).to(dev)
+    flip = torch.rand(b, generator=generator, device=generator.device).to(dev) < 0.5
+    rows = off[:, 0:1] + torch.arange(h, device=dev)  # (b, h)
+    cols = off[:, 1:2] + torch.arange(w, device=dev)  # (b, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    bi = torch.arange(b, device=dev)[:, None, None]
+    out = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (b, h, w, c)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _n_steps(n: int, batch_size: int) -> int:
+    return (n + batch_size - 1) // batch_size
+
+
+def _group_key(m: PopulationMember) -> tuple[Any, ...]:
+    """Members that can share one vectorised forward and update rule."""
+    return (m.activation, m.dropout, m.optimizer, m.betas, m.eps)
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _eval_chunk(n_models: int, act_bytes_per_sample: int, budget_bytes: int, cap: int = 4096) -> int:
+    return max(1, min(cap, budget_bytes // max(1, n_models * act_bytes_per_sample)))
+
+
+def activation_bytes_per_sample(model: nn.Module, in_shape: Sequence[int]) -> int:
+    """Bytes of all intermediate outputs of one sample's forward (a memory estimate for sizing)."""
+    total = 0
+
+    def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+        nonlocal total
+        if isinstance(out, Tensor):
+            total += out.numel() * out.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            p = next(model.parameters())
+            model(torch.zeros(1, *in_shape, device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30  # fallback: assume 4 GiB
+
+
+def max_population_size(arch: str, in_chans: int, num_classes: int, batch_size: int,
+                        device: str | torch.device, fraction: float = 0.5, cap: int = 4096) -> int:
+    """How many models fit in ``fraction`` of the free device memory (an estimate, halved on OOM).
+
+    Per model: parameters, gradients and two optimizer buffers plus temporaries (~6 copies of the
+    parameters), and forward+backward activations of one batch (~3 copies of the activations).
+    """
+    dev = _resolve_device(device)
+    m = build_cnn(arch, in_chans, num_classes)
+    from vitzoo.models.cnn import IMG_SIZE
+
+    img = IMG_SIZE.get(arch, 32)
+    per_model = 6 * sum(p.numel() * 4 for p in m.parameters())
+    per_model += 3 * batch_size * activation_bytes_per_sample(m, (in_chans, img, img))
+    return int(max(1, min(cap, fraction * _free_bytes(dev) // max(per_model, 1))))
+
+
+def _metrics_template(index: int, epoch: int) -> dict[str, Any]:
+    return {"index": index, "epoch": epoch, "status": "ok", "diverged_step": None}
+
+
+# --------------------------------------------------------------------------- vectorised engine
+
+
+class _Population:
+    """P models of one architecture as stacked tensors ``{name: (P, *shape)}`` + functional updates."""
+
+    def __init__(self, arch: str, in_chans: int, num_classes: int, members: Sequence[PopulationMember],
+                 device: torch.device, dropout_seed: int) -> None:
+        self.members = list(members)
+        self.device = device
+        self.P = len(members)
+        m0 = members[0]
+        models = [build_cnn(arch, in_chans, num_classes, m.activation, m.dropout, m.init, m.init_seed)
+                  for m in members]
+        self.template = models[0].to(device)
+        if any(True for _ in self.template.buffers()):
+            raise ValueError(f"{arch}: models with buffers (batchnorm) are not vectorised; use train_one_by_one")
+        names = [n for n, _ in self.template.named_parameters()]
+        self.params: dict[str, Tensor] = {
+            n: torch.stack([dict(mm.named_parameters())[n].detach() for mm in models]).to(device).contiguous()
+            for n in names
+        }
+        del models
+        self.optimizer = m0.optimizer
+        f32 = dict(dtype=torch.float32, device=device)
+        self.lr = torch.tensor([m.lr for m in members], **f32)
+        self.wd = torch.tensor([m.weight_decay for m in members], **f32)
+        self.mom = torch.tensor([m.momentum for m in members], **f32)
+        self.any_wd = any(m.weight_decay != 0 for m in members)
+        self.betas, self.eps = m0.betas, m0.eps
+        self.state: dict[str, list[Tensor]] = {}
+        if self.optimizer == "adam":
+            self.state["exp_avg"] = [torch.zeros_like(p) for p in self.params.values()]
+            self.state["exp_avg_sq"] = [torch.zeros_like(p) for p in self.params.values()]
+        else:
+            self.state["momentum_buffer"] = [torch.zeros_like(p) for p in self.params.values()]
+        self.step_count = 0
+        self.alive = torch.ones(self.P, dtype=torch.bool, device=device)
+        self.diverged_step = torch.full((self.P,), -1, dtype=torch.long, device=device)
+        self.dropout = m0.dropout
+        self.dropout_seed = dropout_seed
+
+        template = self.template
+
+        def loss_fn(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            return F.cross_entropy(functional_call(template, params, (x,)), y)
+
+        def fwd(params: dict[str, Tensor], x: Tensor) -> Tensor:
+            return functional_call(template, params, (x,))
+
+        rnd = "different" if self.dropout > 0 else "error"
+        self._grad = vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0), randomness=rnd)
+        self._fwd = vmap(fwd, in_dims=(0, None))
+
+    def _bview(self, v: Tensor, like: Tensor) -> Tensor:
+        return v.view(-1, *([1] * (like.dim() - 1)))
+
+    def train_step(self, x: Tensor, y: Tensor, factor: float, step_index: int) -> None:
+        """One optimizer step of every model on its own batch x[i], y[i] (no host sync)."""
+        self.template.train()
+        grads, loss = self._grad(self.params, x, y)
+        ok = self.alive & torch.isfinite(loss)
+        for g in grads.values():
+            ok = ok & torch.isfinite(g).flatten(1).all(1)
+        newly = self.alive & ~ok
+        self.diverged_step = torch.where(newly, torch.full_like(self.diverged_step, step_index), self.diverged_step)
+        self.alive = ok
+        okf = ok.to(torch.float32)
+        lr = self.lr * (factor * okf)  # frozen models: zero step on zeroed gradients: params unchanged
+        self.step_count += 1
+        t = self.step_count
+        with torch.no_grad():
+            for i, (name, p) in enumerate(self.params.items()):
+                g = grads[name]
+                if self.any_wd:  # torch: grad = grad.add(param, alpha=weight_decay)
+                    g = g + self._bview(self.wd, p) * p
+                g = torch.where(self._bview(ok, p), g, torch.zeros((), dtype=g.dtype, device=g.device))
+                if self.optimizer == "adam":
+                    b1, b2 = self.betas
+                    m, v = self.state["exp_avg"][i], self.state["exp_avg_sq"][i]
+                    m.lerp_(g, 1 - b1)
+                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                    bc1 = 1 - b1**t
+                    bc2_sqrt = (1 - b2**t) ** 0.5
+                    step_size = self._bview(lr / bc1, p)
+                    denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+                    p.sub_(step_size * (m / denom))
+                else:
+                    buf = self.state["momentum_buffer"][i]
+                    buf.mul_(self._bview(self.mom, p)).add_(g)
+                    p.sub_(self._bview(lr, p) * buf)
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+        """Mean CE and top-1 of every model on (x, y): (P,) tensors on the device."""
+        self.template.eval()
+        loss_sum = torch.zeros(self.P, dtype=torch.float64, device=self.device)
+        correct = torch.zeros(self.P, dtype=torch.long, device=self.device)
+        for s in range(0, len(x), chunk):
+            xb, yb = x[s:s + chunk], y[s:s + chunk]
+            logits = self._fwd(self.params, xb)  # (P, b, classes)
+            lp = F.log_softmax(logits, dim=-1)
+            nll = -lp.gather(-1, yb.expand(self.P, -1).unsqueeze(-1)).squeeze(-1)
+            loss_sum += nll.sum(1, dtype=torch.float64)
+            correct += (logits.argmax(-1) == yb).sum(1)
+        return loss_sum / len(x), correct.double() / len(x)
+
+    def states(self) -> list[dict[str, Tensor]]:
+        if self.device.type == "cpu":
+            stacked = self.params
+        else:  # one transfer per tensor, not per model
+            stacked = {n: p.detach().to("cpu", non_blocking=False) for n, p in self.params.items()}
+        return [{n: p[i] for n, p in stacked.items()} for i in range(self.P)]
+
+
+def _train_vectorised(arch: str, in_chans: int, num_classes: int, members: Sequence[PopulationMember],
+                      indices: Sequence[int], train_x: Tensor, train_y: Tensor, evals: EvalSets, epochs: int,
+                      batch_size: int, device: torch.device, on_epoch: OnEpoch | None, schedule: Schedule,
+                      dropout_seed: int, eval_budget: int) -> list[list[dict[str, Any]]]:
+    pop = _Population(arch, in_chans, num_classes, members, device, dropout_seed)
+    n = len(train_x)
+    steps = _n_steps(n, batch_size)
+    total = steps * epochs
+    act = activation_bytes_per_sample(pop.template, tuple(train_x.shape[1:]))
+    chunk = _eval_chunk(pop.P, act, eval_budget)
+    history: list[list[dict[str, Any]]] = [[] for _ in members]
+    # Probe one step on copies first: an OOM surfaces here, before any callback has run.
+    _probe(pop, train_x, train_y, batch_size, chunk, evals)
+
+    def report(epoch: int) -> None:
+        mets = [_metrics_template(idx, epoch) for idx in indices]
+        for name, (ex, ey) in evals.items():
+            loss, acc = pop.evaluate(ex, ey, chunk)
+            for i, (lo, ac) in enumerate(zip(loss.tolist(), acc.tolist(), strict=True)):
+                mets[i][f"{name}_loss"], mets[i][f"{name}_acc"] = lo, ac
+        alive = pop.alive.tolist()
+        dstep = pop.diverged_step.tolist()
+        for i in range(pop.P):
+            if not alive[i]:
+                mets[i]["status"], mets[i]["diverged_step"] = "diverged", dstep[i]
+            history[i].append(mets[i])
+        if on_epoch is not None:
+            on_epoch(epoch, pop.states(), mets)
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(_mix_seed(dropout_seed, *[m.init_seed for m in members[:8]], len(members)))
+        report(0)
+        gstep = 0
+        for epoch in range(1, epochs + 1):
+            perms = torch.stack([epoch_permutation(m.data_seed, epoch, n) for m in members]).to(device)
+            for s in range(steps):
+                idx = perms[:, s * batch_size:(s + 1) * batch_size]
+                pop.train_step(train_x[idx], train_y[idx], lr_factor(schedule, gstep, total), gstep)
+                gstep += 1
+            del perms
+            report(epoch)
+    return history
+
+
+def _probe(pop: _Population, train_x: Tensor, train_y: Tensor, batch_size: int, chunk: int, evals: EvalSets) -> None:
+    idx = torch.zeros(pop.P, min(batch_size, len(train_x)), dtype=torch.long, device=train_x.device)
+    with torch.random.fork_rng(devices=[pop.device] if pop.device.type == "cuda" else []):
+        grads, _ = pop._grad(pop.params, train_x[idx], train_y[idx])
+        del grads
+        for ex, _ey in list(evals.values())[:1]:
+            with torch.no_grad():
+                pop.template.eval()
+                pop._fwd(pop.params, ex[:chunk])
+
+
+# --------------------------------------------------------------------------- reference loop
+
+
+def _make_optimizer(model: nn.Module, m: PopulationMember) -> torch.optim.Optimizer:
+    if m.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=m.lr, betas=m.betas, eps=m.eps,
+                                weight_decay=m.weight_decay, foreach=False)
+    return torch.optim.SGD(model.parameters(), lr=m.lr, momentum=m.momentum, weight_decay=m.weight_decay,
+                           foreach=False)
+
+
+@torch.no_grad()
+def _evaluate_one(model: nn.Module, x: Tensor, y: Tensor, chunk: int) -> tuple[float, float]:
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    for s in range(0, len(x), chunk):
+        logits = model(x[s:s + chunk])
+        yb = y[s:s + chunk]
+        loss_sum += F.cross_entropy(logits, yb, reduction="none").sum(dtype=torch.float64)
+        correct += (logits.argmax(-1) == yb).sum()
+    return float(loss_sum) / len(x), float(correct) / len(x)
+
+
+def train_one(arch: str, in_chans: int, num_classes: int, member: PopulationMember, train_x: Tensor,
+              train_y: Tensor, evals: EvalSets, epochs: int, batch_size: int, device: str | torch.device | None = None,
+              on_epoch: OnEpoch | None = None, schedule: Schedule = "constant", index: int = 0,
+              augment: str | None = None, dropout_seed: int = 0, eval_batch_size: int = 1000) -> list[dict[str, Any]]:
+    """The plain reference loop: one model, ``torch.optim`` and an ``nn.Module``, same semantics.
+
+    ``augment="crop_flip"`` applies :func:`crop_flip` on the device with a generator seeded per
+    (data_seed, epoch). Dropout (and nothing else) uses the global RNG, seeded per model inside a
+    forked RNG state, so the caller's RNG is untouched.
+    """
+    dev = _resolve_device(device)
+    m = member
+    model = build_cnn(arch, in_chans, num_classes, m.activation, m.dropout, m.init, m.init_seed).to(dev)
+    opt = _make_optimizer(model, m)
+    n = len(train_x)
+    steps = _n_steps(n, batch_size)
+    total = steps * epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(schedule, s, total))
+    history: list[dict[str, Any]] = []
+    diverged_step: int | None = None
+
+    def report(epoch: int) -> None:
+        met = _metrics_template(index, epoch)
+        for name, (ex, ey) in evals.items():
+            met[f"{name}_loss"], met[f"{name}_acc"] = _evaluate_one(model, ex, ey, eval_batch_size)
+        if diverged_step is not None:
+            met["status"], met["diverged_step"] = "diverged", diverged_step
+        history.append(met)
+        if on_epoch is not None:
+            on_epoch(epoch, [dict(model.state_dict())], [met])
+
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(_mix_seed(dropout_seed, m.init_seed, m.data_seed))
+        report(0)
+        gstep = 0
+        for epoch in range(1, epochs + 1):
+            if diverged_step is None:
+                model.train()
+                perm = epoch_permutation(m.data_seed, epoch, n).to(dev)
+                gen = None
+                if augment:
+                    gen = torch.Generator(device=dev).manual_seed(_mix_seed(m.data_seed, epoch, 1))
+                for s in range(steps):
+                    idx = perm[s * batch_size:(s + 1) * batch_size]
+                    x, y = train_x[idx], train_y[idx]
+                    if augment == "crop_flip":
+                        assert gen is not None
+                        x = crop_flip(x, gen)
+                    opt.zero_grad(set_to_none=True)
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    finite = torch.isfinite(loss)
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            finite = finite & torch.isfinite(p.grad).all()
+                    if not bool(finite):
+                        diverged_step = gstep
+                        break
+                    opt.step()
+                    sched.step()
+                    gstep += 1
+            report(epoch)
+    return history
+
+
+def train_one_by_one(arch: str, in_chans: int, num_classes: int, members: Sequence[PopulationMember],
+                     train_x: Tensor, train_y: Tensor, evals: EvalSets, epochs: int, batch_size: int,
+                     device: str | torch.device | None = None, on_epoch: OnEpoch | None = None,
+                     schedule: Schedule = "constant", augment: str | None = None, dropout_seed: int = 0,
+                     eval_batch_size: int = 1000) -> list[list[dict[str, Any]]]:
+    """Train ``members`` sequentially with :func:`train_one` (the baseline and the ResNet path)."""
+    dev = _resolve_device(device)
+    train_x, train_y = train_x.to(dev), train_y.to(dev)
+    evals = {k: (x.to(dev), y.to(dev)) for k, (x, y) in evals.items()}
+    return [train_one(arch, in_chans, num_classes, m, train_x, train_y, evals, epochs, batch_size, dev, on_epoch,
+                      schedule, i, augment, dropout_seed, eval_batch_size) for i, m in enumerate(members)]
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def train_population(arch: str, in_chans: int, num_classes: int, members: Sequence[PopulationMember],
+                     train_x: Tensor, train_y: Tensor, evals: EvalSets, epochs: int, batch_size: int,
+                     device: str | torch.device | None = None, on_epoch: OnEpoch | None = None,
+                     schedule: Schedule = "constant", mode: str = "auto", max_population: int | None = None,
+                     augment: str | None = None, dropout_seed: int = 0, eval_memory_bytes: int = 256 << 20,
+                     min_population: int | None = None) -> list[list[dict[str, Any]]]:
+    """Train ``members`` (one architecture) and return each member's per-epoch metrics.
+
+    ``mode``: ``auto`` (vectorise CNN-s/CNN-m groups of >= 2 models without augmentation, else one
+    by one), ``population`` (force vectorised; error where impossible) or ``sequential``.
+    ``max_population`` caps the models per vectorised sub-population (default: from device memory).
+    ``eval_memory_bytes`` bounds the activations of one vectorised evaluation chunk.
+    ``min_population``: in ``auto`` mode, groups smaller than this train one by one (default
+    :data:`MIN_POPULATION` for the device type: below it the vectorised step is not faster).
+    Data (``train_x`` float (N, C, H, W), ``train_y`` long (N,), and ``evals``) is moved to the
+    device once. ``on_epoch`` is called after every epoch (0 = untrained) per sub-population.
+    """
+    if mode not in ("auto", "population", "sequential"):
+        raise ValueError(f"mode must be auto, population or sequential; got {mode!r}")
+    dev = _resolve_device(device)
+    train_x, train_y = train_x.to(dev), train_y.to(dev)
+    evals = {k: (x.to(dev), y.to(dev)) for k, (x, y) in evals.items()}
+    members = list(members)
+    history: list[list[dict[str, Any]]] = [[] for _ in members]
+    vectorisable = arch in VECTORISED_ARCHS and augment is None
+    if mode == "population" and not vectorisable:
+        raise ValueError(f"{arch} with augment={augment!r} cannot be vectorised; use mode='sequential'")
+
+    def sequential(idx: list[int]) -> None:
+        for i in idx:
+            history[i] = train_one(arch, in_chans, num_classes, members[i], train_x, train_y, evals, epochs,
+                                   batch_size, dev, on_epoch, schedule, i, augment, dropout_seed)
+
+    if mode == "sequential" or not vectorisable:
+        sequential(list(range(len(members))))
+        return history
+
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, m in enumerate(members):
+        groups.setdefault(_group_key(m), []).append(i)
+    cap = max_population or max_population_size(arch, in_chans, num_classes, batch_size, dev)
+    for idx in groups.values():
+        if mode == "auto" and len(idx) < (min_population or MIN_POPULATION.get(dev.type, 2)):
+            sequential(idx)
+            continue
+        _run_chunks(arch, in_chans, num_classes, members, idx, cap, train_x, train_y, evals, epochs, batch_size,
+                    dev, on_epoch, schedule, dropout_seed, eval_memory_bytes, history)
+    return history
+
+
+def _run_chunks(arch: str, in_chans: int, num_classes: int, members: list[PopulationMember], idx: list[int], cap: int,
+                train_x: Tensor, train_y: Tensor, evals: EvalSets, epochs: int, batch_size: int, dev: torch.device,
+                on_epoch: OnEpoch | None, schedule: Schedule, dropout_seed: int, eval_budget: int,
+                history: list[list[dict[str, Any]]]) -> None:
+    queue = [idx[s:s + cap] for s in range(0, len(idx), cap)]
+    while queue:
+        chunk = queue.pop(0)
+        try:
+            hist = _train_vectorised(arch, in_chans, num_classes, [members[i] for i in chunk], chunk, train_x,
+                                     train_y, evals, epochs, batch_size, dev, on_epoch, schedule, dropout_seed,
+                                     eval_budget)
+        except torch.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(chunk) // 2
+            queue[:0] = [chunk[:half], chunk[half:]]
+            continue
+        for i, h in zip(chunk, hist, strict=True):
+            history[i] = h
+
+
+def member_replace(m: PopulationMember, **kw: Any) -> PopulationMember:
+    """``dataclasses.replace`` for members (convenience for grids in tests and benchmarks)."""
+    return dataclasses.replace(m, **kw)

@@ -1,0 +1,224 @@
+"""Reading zoos: the :class:`Zoo` object behind ``vitzoo.load``.
+
+One code path serves a local folder and a Hub repository: the Zoo reads every file through a
+*source* whose ``local_path(relpath)`` returns a local file (the folder itself, or a lazily
+downloaded copy from the Hub cache). Only the index and small metadata files are read up front;
+weights are read when a state is asked for, and each weight file's sha256 is checked against the
+index before its first use, so a corrupted or tampered file is never silently used.
+
+This module never imports the training code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+import safetensors
+import torch
+from torch import nn
+
+from vitzoo.errors import ZooError
+from vitzoo.recipe import AXIS_ALIASES
+from vitzoo.zoo.index import INDEX_FILE
+from vitzoo.zoo.io import sha256_file
+
+
+class Source(Protocol):
+    def local_path(self, relpath: str) -> Path: ...
+
+
+class LocalSource:
+    """A zoo folder on disk."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root_hint = str(self.root)
+        self.resolved_revision = None
+
+    def local_path(self, relpath: str) -> Path:
+        p = self.root / relpath
+        if not p.exists():
+            raise ZooError(f"{self.root}: no file {relpath!r}")
+        return p
+
+    def json(self, relpath: str) -> dict[str, Any]:
+        return json.loads(self.local_path(relpath).read_text())
+
+
+def open_zoo(source: str | Path, revision: str | None = None, **kwargs: Any) -> Zoo:
+    """``vitzoo.load``: a local folder, or a Hub repo id ``org/name`` (optionally at a revision)."""
+    p = Path(source)
+    if p.is_dir():
+        if revision is not None:
+            raise ZooError(f"{source}: a revision applies to Hub repositories, not local folders")
+        if not (p / INDEX_FILE).is_file():
+            raise ZooError(f"{source}: not a zoo (no {INDEX_FILE}); generate one with `vitzoo generate`")
+        return Zoo(LocalSource(p))
+    if str(source).startswith(("/", ".", "~")) or p.suffix:
+        raise ZooError(f"{source}: no such zoo folder")
+    from vitzoo.hub import HubSource  # only users of the Hub pay for the import
+
+    return Zoo(HubSource(str(source), revision=revision, **kwargs))
+
+
+class Zoo:
+    """A zoo's index plus access to any model state in it.
+
+    ``zoo.index`` has one row per saved state (see docs/zoo-format.md); ``zoo.models`` one row
+    per model (its final state). ``filter`` narrows both without reading any weights.
+    """
+
+    def __init__(self, source: Source, index: pd.DataFrame | None = None):
+        self.source = source
+        self.index = index if index is not None else pd.read_parquet(source.local_path(INDEX_FILE))
+        self._verified: set[str] = set()
+
+    def __repr__(self) -> str:
+        counts = self.models.groupby("stage").size().to_dict() if len(self.index) else {}
+        return f"Zoo({getattr(self.source, 'root_hint', self.source)!s}, models={counts}, states={len(self.index)})"
+
+    def __len__(self) -> int:
+        return self.index["model_id"].nunique()
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def models(self) -> pd.DataFrame:
+        """One row per model: its final state."""
+        return self.index[self.index["final"]].reset_index(drop=True)
+
+    @cached_property
+    def info(self) -> dict[str, Any]:
+        return json.loads(self.source.local_path("zoo.json").read_text())
+
+    def model_ids(self) -> list[str]:
+        return list(dict.fromkeys(self.index["model_id"]))
+
+    def config(self, model_id: str) -> dict[str, Any]:
+        self._check_id(model_id)
+        return json.loads(self.source.local_path(f"models/{model_id}/config.json").read_text())
+
+    def run_info(self, model_id: str) -> dict[str, Any]:
+        self._check_id(model_id)
+        return json.loads(self.source.local_path(f"models/{model_id}/run.json").read_text())
+
+    def epochs(self, model_id: str) -> list[int]:
+        self._check_id(model_id)
+        return sorted(self.index.loc[self.index["model_id"] == model_id, "epoch"].tolist())
+
+    # ------------------------------------------------------------------ selection
+    def filter(self, *, epochs: tuple[int, int] | None = None, final: bool | None = None, **conds: Any) -> Zoo:
+        """A Zoo restricted by generating factors, stage, metrics or epochs; reads no weights.
+
+        ``zoo.filter(stage="finetune", lr=1e-3, head=["linear", "mlp"], test_acc=lambda a: a > .5,
+        epochs=(0, 10))``. Keys are index columns or the recipe's axis aliases (``lr``, ``head``...);
+        values are a scalar, a list (any of), or a predicate on the column.
+        """
+        df = self.index
+        for key, want in conds.items():
+            col = key if key in df.columns else AXIS_ALIASES.get(key, key)
+            if col not in df.columns:
+                raise ZooError(f"filter: no column {key!r}; columns: {', '.join(df.columns)}")
+            if callable(want):
+                mask = df[col].map(lambda v, f=want: bool(f(v)))
+            elif isinstance(want, (list, tuple, set)):
+                mask = df[col].isin(list(want))
+            else:
+                mask = df[col] == want
+            df = df[mask]
+        if epochs is not None:
+            df = df[(df["epoch"] >= epochs[0]) & (df["epoch"] <= epochs[1])]
+        if final is not None:
+            df = df[df["final"] == final]
+        return Zoo(self.source, df.reset_index(drop=True))
+
+    # ------------------------------------------------------------------ weights
+    def _check_id(self, model_id: str) -> None:
+        if model_id not in set(self.index["model_id"]):
+            raise ZooError(f"model {model_id!r} is not in this zoo{' view' if len(self.index) else ''}"
+                           f" ({len(self)} models)")
+
+    def _row(self, model_id: str, epoch: int | None) -> pd.Series:
+        self._check_id(model_id)
+        rows = self.index[self.index["model_id"] == model_id]
+        if epoch is None:
+            rows = rows[rows["final"]]
+            if rows.empty:
+                raise ZooError(f"model {model_id!r}: its final state is not in this view")
+        else:
+            rows = rows[rows["epoch"] == epoch]
+            if rows.empty:
+                raise ZooError(f"model {model_id!r} has no saved state at epoch {epoch}; saved: "
+                               f"{self.epochs(model_id)}")
+        return rows.iloc[0]
+
+    def _file(self, row: pd.Series) -> Path:
+        path = self.source.local_path(row["file"])
+        if row["file"] not in self._verified:
+            digest = sha256_file(path)
+            if digest != row["sha256"]:
+                raise ZooError(f"{row['file']}: sha256 {digest[:12]}… does not match the index "
+                               f"({row['sha256'][:12]}…); the file is corrupt or was changed")
+            self._verified.add(row["file"])
+        return path
+
+    def state_dict(self, model_id: str, epoch: int | None = None) -> dict[str, torch.Tensor]:
+        """The weights of one state (default: the final one), in timm naming."""
+        row = self._row(model_id, epoch)
+        return _read_prefixed(self._file(row), row["tensor_prefix"])
+
+    def model(self, model_id: str, epoch: int | None = None) -> nn.Module:
+        """A ready ``nn.Module`` in eval mode; ``model.pretrained_cfg`` holds its preprocessing."""
+        from vitzoo.models import from_config
+
+        cfg = self.config(model_id)
+        net = from_config(cfg)
+        net.load_state_dict(self.state_dict(model_id, epoch))
+        net.pretrained_cfg = {**getattr(net, "pretrained_cfg", {}), **cfg.get("pretrained_cfg", {})}
+        return net.eval()
+
+    def transform(self, model_id: str):
+        """timm's eval transform for the model's saved preprocessing."""
+        from timm.data import create_transform, resolve_data_config
+
+        return create_transform(**resolve_data_config(pretrained_cfg=self.config(model_id)["pretrained_cfg"]))
+
+    def weights(self, model_id: str, epoch: int | None = None) -> torch.Tensor:
+        """All parameters and buffers of a state as one flat float32 vector, in :meth:`param_order`."""
+        sd = self.state_dict(model_id, epoch)
+        return torch.cat([sd[k].reshape(-1).float() for k in self.param_order(model_id)])
+
+    def param_order(self, model_id: str) -> list[str]:
+        """The stable order of tensors in flat vectors: the architecture's ``state_dict()`` order."""
+        from vitzoo.models import from_config
+
+        return list(from_config(self.config(model_id)).state_dict().keys())
+
+    def to_dataset(self):
+        """The index as a ``datasets.Dataset``."""
+        import datasets
+
+        return datasets.Dataset.from_pandas(self.index, preserve_index=False)
+
+
+def _read_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    with safetensors.safe_open(str(path), "pt") as f:
+        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+def read_state(source: LocalSource, run_info: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
+    """One state of a finished run, from its run.json (used before the zoo index exists)."""
+    for st in run_info["states"]:
+        if st["epoch"] == epoch:
+            return _read_prefixed(source.local_path(st["file"]), st["tensor_prefix"])
+    raise ZooError(f"model {run_info['run_id']!r} has no saved state at epoch {epoch}; saved: "
+                   f"{[s['epoch'] for s in run_info['states']]}")
+
+
+def iter_states(zoo: Zoo) -> Iterable[tuple[str, int, dict[str, torch.Tensor]]]:
+    for _, row in zoo.index.iterrows():
+        yield row["model_id"], int(row["epoch"]), zoo.state_dict(row["model_id"], int(row["epoch"]))

@@ -1,0 +1,151 @@
+"""Writing one model's folder: checkpoints while it trains, consolidation when it ends.
+
+While a run trains, its states live in ``models/<id>/.partial/`` (one safetensors file per saved
+epoch, plus the optimizer state to resume from). When the run ends, :meth:`RunWriter.finalize`
+writes ``model.safetensors`` (final state), ``checkpoints.safetensors`` (all other saved states,
+keys prefixed ``epoch_0003/``), ``config.json`` and, last, ``run.json``. A model is finished iff
+its ``run.json`` exists, so a run killed at any moment is either finished or resumable, never
+half-indexed. Finalizing is idempotent: a kill during it is repaired by the next resume.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from vitzoo.zoo.io import FORMAT_VERSION, save_safetensors, sha256_file, write_json
+
+MODELS_DIR = "models"
+PARTIAL = ".partial"
+_EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.safetensors$")
+
+
+def epoch_prefix(epoch: int) -> str:
+    return f"epoch_{epoch:04d}/"
+
+
+class RunWriter:
+    """Owns ``<zoo>/models/<run_id>/``; used only by the process that trains that run."""
+
+    def __init__(self, zoo_root: str | Path, run_id: str):
+        self.root = Path(zoo_root)
+        self.run_id = run_id
+        self.folder = self.root / MODELS_DIR / run_id
+        self.partial = self.folder / PARTIAL
+
+    # ---------------------------------------------------------------- state queries
+    def is_finished(self) -> bool:
+        return (self.folder / "run.json").is_file()
+
+    def saved_epochs(self) -> list[int]:
+        if not self.partial.is_dir():
+            return []
+        return sorted(int(m[1]) for p in self.partial.iterdir() if (m := _EPOCH_FILE.match(p.name)))
+
+    def history(self) -> list[dict[str, Any]]:
+        p = self.partial / "history.json"
+        return json.loads(p.read_text()) if p.is_file() else []
+
+    # ---------------------------------------------------------------- while training
+    def save_epoch(self, epoch: int, state: dict[str, torch.Tensor]) -> None:
+        """Save the (exported, timm-named) model state of a checkpoint epoch."""
+        save_safetensors(self.partial / f"epoch_{epoch:04d}.safetensors", state)
+
+    def save_history(self, history: list[dict[str, Any]]) -> None:
+        write_json(self.partial / "history.json", history)
+
+    def save_resume(self, epoch: int, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                    extra: dict[str, Any]) -> None:
+        """Everything needed to continue after ``epoch``: weights, optimizer state, counters."""
+        tensors = {f"model/{k}": v for k, v in model_state.items()}
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
+        tensors.update(opt_tensors)
+        meta = {"epoch": str(epoch), "optimizer": json.dumps(opt_meta), "extra": json.dumps(extra)}
+        save_safetensors(self.partial / "resume.safetensors", tensors, metadata=meta)
+
+    def load_resume(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any], dict[str, Any]] | None:
+        p = self.partial / "resume.safetensors"
+        if not p.is_file():
+            return None
+        with safetensors.safe_open(str(p), "pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        model = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
+        opt = _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("opt/")},
+                                   json.loads(meta["optimizer"]))
+        return int(meta["epoch"]), model, opt, json.loads(meta["extra"])
+
+    # ---------------------------------------------------------------- the end
+    def finalize(self, *, config_json: dict[str, Any], run_info: dict[str, Any], final_epoch: int,
+                 status: str) -> dict[str, Any]:
+        """Consolidate the saved states and write config.json, then run.json (the commit point).
+
+        ``final_epoch`` is the state that becomes ``model.safetensors``: the last epoch, or the
+        last good one of a diverged run. States saved after it are dropped.
+        """
+        epochs = [e for e in self.saved_epochs() if e <= final_epoch]
+        if final_epoch not in epochs:
+            raise RuntimeError(f"{self.run_id}: final epoch {final_epoch} was not saved")
+        states: dict[int, dict[str, torch.Tensor]] = {}
+        for e in epochs:
+            states[e] = safetensors.torch.load_file(str(self.partial / f"epoch_{e:04d}.safetensors"))
+        meta = {"format": "pt", "vitzoo_run_id": self.run_id, "epoch": str(final_epoch)}
+        model_file = save_safetensors(self.folder / "model.safetensors", states[final_epoch], metadata=meta)
+        files = {final_epoch: ("model.safetensors", "")}
+        others = [e for e in epochs if e != final_epoch]
+        if others:
+            merged = {epoch_prefix(e) + k: v for e in others for k, v in states[e].items()}
+            save_safetensors(self.folder / "checkpoints.safetensors", merged,
+                             metadata={"format": "pt", "vitzoo_run_id": self.run_id,
+                                       "epochs": ",".join(map(str, others))})
+            for e in others:
+                files[e] = ("checkpoints.safetensors", epoch_prefix(e))
+        elif (self.folder / "checkpoints.safetensors").exists():
+            (self.folder / "checkpoints.safetensors").unlink()
+        digests = {name: (sha256_file(self.folder / name), (self.folder / name).stat().st_size)
+                   for name in {f for f, _ in files.values()}}
+        del model_file
+        history = {h["epoch"]: h for h in self.history()}
+        states_rows = []
+        for e in epochs:
+            name, prefix = files[e]
+            row = {"epoch": e, "final": e == final_epoch, "file": f"{MODELS_DIR}/{self.run_id}/{name}",
+                   "tensor_prefix": prefix, "sha256": digests[name][0], "size": digests[name][1]}
+            row.update({k: v for k, v in history.get(e, {}).items() if k != "epoch"})
+            states_rows.append(row)
+        config_json = {**config_json, "vitzoo": {**config_json.get("vitzoo", {}), "format_version": FORMAT_VERSION}}
+        write_json(self.folder / "config.json", config_json)
+        info = {**run_info, "run_id": self.run_id, "status": status, "final_epoch": final_epoch,
+                "states": states_rows, "history": list(history.values())}
+        write_json(self.folder / "run.json", info)  # the commit point
+        shutil.rmtree(self.partial, ignore_errors=True)
+        return info
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a torch optimizer state_dict into tensors (safetensors) and JSON (the rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in state.get("state", {}).items():
+        for k, v in per_param.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt/{idx}/{k}"] = v
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    return tensors, {"param_groups": state.get("param_groups", []), "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        _, idx, name = key.split("/", 2)
+        state.setdefault(int(idx), {})[name] = v
+    for idx, d in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(d)
+    return {"state": state, "param_groups": meta["param_groups"]}
