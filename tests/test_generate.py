@@ -220,3 +220,32 @@ def test_two_process_launch_shards_into_the_same_zoo(tiny_zoo: Path, tiny_recipe
         sa, sb = one.state_dict(mid), two.state_dict(mid)
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_bad_data_fails_before_writing_anything(tmp_path: Path) -> None:
+    from vitzoo.data.sources import DataError
+
+    data = yaml.safe_load((TESTS / "tiny.yaml").read_text())
+    data["stages"]["finetune"]["data"]["label_column"] = "category"
+    p = tmp_path / "bad_data.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(DataError, match=r"bad_data.yaml: stages.finetune.data.label_column: column 'category' not in"):
+        generate(p, tmp_path / "zoo", progress=False, log=lambda m: None)
+    assert not (tmp_path / "zoo").exists(), "no half-written zoo"
+
+
+def test_cli_plan_info_and_errors(tiny_zoo: Path, tiny_recipe: Path, tmp_path: Path) -> None:
+    run = lambda *a: subprocess.run([sys.executable, "-m", "vitzoo", *a], capture_output=True, text=True)  # noqa: E731
+    res = run("plan", str(tiny_recipe), "--json")
+    assert res.returncode == 0
+    plan = json.loads(res.stdout)
+    assert plan["counts"] == {"pretrain": 2, "finetune": 4} and len(plan["runs"]) == 6
+    res = run("info", str(tiny_zoo))
+    assert res.returncode == 0 and "pretrain: 2 models, 0 diverged" in res.stdout and "finetune: 4 models" in res.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages:\n  s:\n    model: micro\n    optimiser: adamw\n")
+    res = run("generate", str(bad), "--out", str(tmp_path / "z"))
+    assert res.returncode == 2 and "stages.s.optimiser: unknown key" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "z").exists()
+    res = run("info", str(tmp_path / "nothing"))
+    assert res.returncode == 2 and "no such zoo folder" in res.stderr

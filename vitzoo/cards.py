@@ -117,7 +117,8 @@ def training_curve_plot(history: list[dict[str, Any]], title: str, path: Path) -
                 ax.plot(epochs, [float("nan") if y is None else y for y in ys], marker=".", label=split)
         ax.set_xlabel("epoch")
         ax.set_ylabel(kind)
-        ax.legend()
+        if ax.get_legend_handles_labels()[1]:  # SimCLR stages have no losses on eval splits
+            ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     return _save_png(fig, path)

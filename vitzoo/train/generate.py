@@ -10,8 +10,11 @@ continues unfinished ones; a different recipe under an existing zoo is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import shutil
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -54,13 +57,21 @@ def check_target(out: Path, recipe: Recipe) -> bool:
     return True
 
 
+def _print(msg: str) -> None:
+    """One line per finished model: above the progress bars, flushed (visible at once in `tail -f`)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg)
+    sys.stdout.flush()
+
+
 def generate(recipe_path: str | Path, out: str | Path, *, progress: bool = True, max_runs: int | None = None,
-             log=print, stop_after_epoch: int | None = None) -> dict[str, Any]:
+             log=_print, stop_after_epoch: int | None = None) -> dict[str, Any]:
     """Generate (or resume) the zoo of ``recipe_path`` into ``out``. Returns zoo.json's content."""
     import torch
     from accelerate import PartialState
 
-    from vitzoo.train.loop import RunContext, train_run
+    from vitzoo.data.pipeline import DataCache
 
     recipe = load_recipe(recipe_path)
     plan = expand(recipe)  # every recipe error surfaces here, before any training
@@ -71,20 +82,51 @@ def generate(recipe_path: str | Path, out: str | Path, *, progress: bool = True,
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(days=7))
     resuming = check_target(out, recipe)
     t0 = time.time()
+    cache = DataCache()
+    _preflight(plan, cache, recipe)  # data errors (a wrong column, a missing split) before anything is written
     state.wait_for_everyone()  # every process has checked the folder before process 0 writes into it
+    created = not out.exists()
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if not resuming:
             _write_recipe(out, recipe)
             write_json(out / "zoo.json", _zoo_json(recipe, plan, state.num_processes, status="generating"))
     state.wait_for_everyone()
+    try:
+        return _train_all(recipe, plan, out, state, cache, progress, max_runs, log, stop_after_epoch, t0)
+    except Exception:
+        # A zoo this call created and in which nothing finished is removed: no half-written zoo is left
+        # behind, and a corrected recipe is not refused as "different" next time.
+        if created and state.is_main_process and not any(out.glob("models/*/run.json")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
-    ctx = RunContext(zoo_root=out, device=state.device, progress=progress and state.is_main_process,
+
+def _preflight(plan: Plan, cache, recipe: Recipe) -> None:
+    """Open every distinct data source of the plan (cached for training) and check it fits the runs."""
+    from vitzoo.data.sources import DataError
+
+    seen = set()
+    for r in plan.runs:
+        key = canonical_json(dataclasses.asdict(r.config.data))
+        if key not in seen:
+            seen.add(key)
+            try:
+                cache.splits(r.config.data)
+            except DataError as e:
+                raise DataError(f"{recipe.source}: stages.{r.stage}.{e}") from None
+
+
+def _train_all(recipe, plan, out, state, cache, progress, max_runs, log, stop_after_epoch, t0) -> dict[str, Any]:
+    import torch
+
+    from vitzoo.train.loop import RunContext, train_run
+
+    ctx = RunContext(zoo_root=out, device=state.device, cache=cache, progress=progress and state.is_main_process,
                      hardware=provenance(state.num_processes)["hardware"], stop_after_epoch=stop_after_epoch,
                      log=lambda m: log(f"[{state.process_index}] {m}" if state.num_processes > 1 else m))
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, state.num_processes if state.device.type == "cpu"
                                                                   else 1)))
-    done_here = 0
     for stage in recipe.stages:
         runs = plan.stage_runs(stage.name)
         if max_runs is not None:
@@ -93,7 +135,6 @@ def generate(recipe_path: str | Path, out: str | Path, *, progress: bool = True,
         bar = _zoo_bar(ctx, len(mine), stage.name)
         for spec in mine:
             info = train_run(spec, ctx)
-            done_here += 1
             ctx.log(_summary(info))
             if bar is not None:
                 bar.update(1)

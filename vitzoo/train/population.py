@@ -40,7 +40,10 @@ Semantics, shared exactly by the vectorised engine and the reference loop (:func
   from then on (``status: diverged``, ``diverged_step``); the others go on. No host sync per step:
   the check is a device-side mask.
 - Metrics per epoch and eval set: ``<name>_loss`` (mean CE) and ``<name>_acc`` (top-1), models in
-  eval mode.
+  eval mode; plus ``running_loss`` / ``running_acc``: the averages over the epoch's training
+  batches before each update (None at epoch 0), which is what the legacy zoos report as train
+  metrics. They cost nothing, so a caller may drop the "train" eval pass (50k of the 70k evaluated
+  MNIST samples per epoch) and use them instead.
 
 Known differences (documented, tested where possible):
 
@@ -57,6 +60,8 @@ Population size: :func:`max_population_size` estimates how many models fit in (a
 device memory; larger member lists are split into sub-populations, and members that cannot share
 one forward (different activation or dropout: a different module) or one update rule (optimizer)
 are grouped apart. If a sub-population still runs out of memory in its first step it is halved.
+On CPU sub-populations are capped at ``CPU_MAX_POPULATION`` (64) models: the step is bound by
+memory bandwidth there and larger stacks only spill the caches.
 On CPU, groups of fewer than ``MIN_POPULATION['cpu']`` models are trained by the reference loop
 (below that the vectorised step is not faster; see benchmarks/RESULTS.md).
 """
@@ -88,6 +93,10 @@ VECTORISED_ARCHS = ("cnn-s", "cnn-m")
 #: (benchmarks/RESULTS.md): at 2 models the vmap-ed step costs about what two plain steps cost,
 #: from ~8 on it is clearly cheaper. On GPUs any group of 2+ gains.
 MIN_POPULATION = {"cpu": 8, "cuda": 2}
+
+#: Largest sub-population on CPU: the step is memory-bandwidth bound there, and the per-model
+#: step time is flat from ~32 to ~128 models and worse beyond (activations leave the caches).
+CPU_MAX_POPULATION = 64
 
 
 @dataclass(frozen=True)
@@ -238,6 +247,8 @@ def max_population_size(arch: str, in_chans: int, num_classes: int, batch_size: 
     img = IMG_SIZE.get(arch, 32)
     per_model = 6 * sum(p.numel() * 4 for p in m.parameters())
     per_model += 3 * batch_size * activation_bytes_per_sample(m, (in_chans, img, img))
+    if dev.type == "cpu":
+        cap = min(cap, CPU_MAX_POPULATION)
     return int(max(1, min(cap, fraction * _free_bytes(dev) // max(per_model, 1))))
 
 
@@ -286,18 +297,31 @@ class _Population:
         self.diverged_step = torch.full((self.P,), -1, dtype=torch.long, device=device)
         self.dropout = m0.dropout
         self.dropout_seed = dropout_seed
+        self.reset_running()
 
         template = self.template
 
-        def loss_fn(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-            return F.cross_entropy(functional_call(template, params, (x,)), y)
+        def loss_fn(params: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            logits = functional_call(template, params, (x,))
+            return F.cross_entropy(logits, y), (logits.argmax(-1) == y).sum()
 
         def fwd(params: dict[str, Tensor], x: Tensor) -> Tensor:
             return functional_call(template, params, (x,))
 
         rnd = "different" if self.dropout > 0 else "error"
-        self._grad = vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0), randomness=rnd)
+        self._grad = vmap(grad_and_value(loss_fn, has_aux=True), in_dims=(0, 0, 0), randomness=rnd)
         self._fwd = vmap(fwd, in_dims=(0, None))
+
+    def reset_running(self) -> None:
+        """Zero the running (during-training) loss / correct counts of the epoch."""
+        self.run_loss = torch.zeros(self.P, dtype=torch.float64, device=self.device)
+        self.run_correct = torch.zeros(self.P, dtype=torch.long, device=self.device)
+        self.run_seen = 0
+
+    def running(self) -> tuple[list[float | None], list[float | None]]:
+        if not self.run_seen:
+            return [None] * self.P, [None] * self.P
+        return (self.run_loss / self.run_seen).tolist(), (self.run_correct.double() / self.run_seen).tolist()
 
     def _bview(self, v: Tensor, like: Tensor) -> Tensor:
         return v.view(-1, *([1] * (like.dim() - 1)))
@@ -305,7 +329,7 @@ class _Population:
     def train_step(self, x: Tensor, y: Tensor, factor: float, step_index: int) -> None:
         """One optimizer step of every model on its own batch x[i], y[i] (no host sync)."""
         self.template.train()
-        grads, loss = self._grad(self.params, x, y)
+        grads, (loss, correct) = self._grad(self.params, x, y)
         ok = self.alive & torch.isfinite(loss)
         for g in grads.values():
             ok = ok & torch.isfinite(g).flatten(1).all(1)
@@ -313,6 +337,10 @@ class _Population:
         self.diverged_step = torch.where(newly, torch.full_like(self.diverged_step, step_index), self.diverged_step)
         self.alive = ok
         okf = ok.to(torch.float32)
+        b = x.shape[1]
+        self.run_loss += torch.where(ok, loss.double() * b, 0.0)
+        self.run_correct += torch.where(ok, correct, 0)
+        self.run_seen += b
         lr = self.lr * (factor * okf)  # frozen models: zero step on zeroed gradients: params unchanged
         self.step_count += 1
         t = self.step_count
@@ -380,6 +408,10 @@ def _train_vectorised(arch: str, in_chans: int, num_classes: int, members: Seque
             loss, acc = pop.evaluate(ex, ey, chunk)
             for i, (lo, ac) in enumerate(zip(loss.tolist(), acc.tolist(), strict=True)):
                 mets[i][f"{name}_loss"], mets[i][f"{name}_acc"] = lo, ac
+        rl, ra = pop.running()
+        for i in range(pop.P):
+            mets[i]["running_loss"], mets[i]["running_acc"] = rl[i], ra[i]
+        pop.reset_running()
         alive = pop.alive.tolist()
         dstep = pop.diverged_step.tolist()
         for i in range(pop.P):
@@ -459,9 +491,15 @@ def train_one(arch: str, in_chans: int, num_classes: int, member: PopulationMemb
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(schedule, s, total))
     history: list[dict[str, Any]] = []
     diverged_step: int | None = None
+    running = {"loss": torch.zeros((), dtype=torch.float64, device=dev), "correct": torch.zeros((), dtype=torch.long,
+               device=dev), "seen": 0}
 
     def report(epoch: int) -> None:
         met = _metrics_template(index, epoch)
+        seen = running["seen"]
+        met["running_loss"] = float(running["loss"]) / seen if seen else None
+        met["running_acc"] = float(running["correct"]) / seen if seen else None
+        running.update(loss=torch.zeros_like(running["loss"]), correct=torch.zeros_like(running["correct"]), seen=0)
         for name, (ex, ey) in evals.items():
             met[f"{name}_loss"], met[f"{name}_acc"] = _evaluate_one(model, ex, ey, eval_batch_size)
         if diverged_step is not None:
@@ -488,7 +526,8 @@ def train_one(arch: str, in_chans: int, num_classes: int, member: PopulationMemb
                         assert gen is not None
                         x = crop_flip(x, gen)
                     opt.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(model(x), y)
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y)
                     loss.backward()
                     finite = torch.isfinite(loss)
                     for p in model.parameters():
@@ -500,6 +539,9 @@ def train_one(arch: str, in_chans: int, num_classes: int, member: PopulationMemb
                     opt.step()
                     sched.step()
                     gstep += 1
+                    running["loss"] += loss.detach().double() * len(y)
+                    running["correct"] += (logits.detach().argmax(-1) == y).sum()
+                    running["seen"] += len(y)
             report(epoch)
     return history
 

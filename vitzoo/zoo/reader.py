@@ -73,10 +73,10 @@ class Zoo:
     per model (its final state). ``filter`` narrows both without reading any weights.
     """
 
-    def __init__(self, source: Source, index: pd.DataFrame | None = None):
+    def __init__(self, source: Source, index: pd.DataFrame | None = None, _verified: set[str] | None = None):
         self.source = source
         self.index = index if index is not None else pd.read_parquet(source.local_path(INDEX_FILE))
-        self._verified: set[str] = set()
+        self._verified: set[str] = _verified if _verified is not None else set()  # shared by filtered views
 
     def __repr__(self) -> str:
         counts = self.models.groupby("stage").size().to_dict() if len(self.index) else {}
@@ -134,7 +134,7 @@ class Zoo:
             df = df[(df["epoch"] >= epochs[0]) & (df["epoch"] <= epochs[1])]
         if final is not None:
             df = df[df["final"] == final]
-        return Zoo(self.source, df.reset_index(drop=True))
+        return Zoo(self.source, df.reset_index(drop=True), self._verified)
 
     # ------------------------------------------------------------------ weights
     def _check_id(self, model_id: str) -> None:
@@ -203,6 +203,66 @@ class Zoo:
         import datasets
 
         return datasets.Dataset.from_pandas(self.index, preserve_index=False)
+
+    # ------------------------------------------------------------------ weight space (vitzoo.zoo.weights)
+    def param_layout(self, model_id: str, epoch: int | None = None):
+        """Names (in :meth:`param_order`), shapes and dtypes of a state: a ``weights.ParamLayout``."""
+        from vitzoo.zoo import weights
+
+        return weights.state_layout(self, model_id, epoch)
+
+    def weights_batch(self, states=None, *, layers=None, dtype: torch.dtype = torch.float32):
+        """``(tensor [n_states, n_params], index rows)`` of a view, index rows or (id, epoch) pairs.
+
+        Default: every state of this view. Refuses mixed architectures; reads each file once.
+        """
+        from vitzoo.zoo import weights
+
+        return weights.weights_batch(self, states, layers=layers, dtype=dtype)
+
+    def split_models(self, seed: int = 0, fractions=(0.7, 0.15, 0.15), group: str = "model") -> dict[str, list[str]]:
+        """The model ids of each split (``train``/``val``/``test``): by model, seeded, 70/15/15."""
+        from vitzoo.zoo import weights
+
+        return weights.split_models(self.index, seed=seed, fractions=fractions, group=group)
+
+    def torch_dataset(self, split: str = "train", seed: int = 0, properties=("test_acc",), epochs=None,
+                      layers=None, **kwargs: Any):
+        """A torch ``Dataset`` of (weights, properties) samples of one split (``weights.WeightDataset``)."""
+        from vitzoo.zoo import weights
+
+        return weights.WeightDataset(self, split, seed=seed, properties=properties, epochs=epochs, layers=layers,
+                                     **kwargs)
+
+    def tokens(self, model_id: str, epoch: int | None = None, *, token_size: int = 64, layers=None):
+        """SANE-style ``(tokens [n, token_size], positions [n, 3], mask [n, token_size])`` of a state."""
+        from vitzoo.zoo import weights
+
+        return weights.state_tokens(self, model_id, epoch, token_size=token_size, layers=layers)
+
+    def tokens_batch(self, states=None, *, token_size: int = 64, layers=None):
+        """``(tokens [n_states, n, token_size], positions, mask, index rows)`` of a set of states."""
+        from vitzoo.zoo import weights
+
+        return weights.tokens_batch(self, states, token_size=token_size, layers=layers)
+
+    def token_layout(self, model_id: str, epoch: int | None = None, *, token_size: int = 64, layers=None):
+        """The ``weights.TokenLayout`` that maps this state's parameters to tokens and back."""
+        from vitzoo.zoo import weights
+
+        return weights.token_layout(weights.state_layout(self, model_id, epoch).select(layers), token_size)
+
+    def detokenize(self, model_id: str, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
+                   epoch: int | None = None, token_size: int | None = None, layers=None) -> dict[str, torch.Tensor]:
+        """The exact state dict of :meth:`tokens` output (``positions`` allow tokens in any order)."""
+        size = int(tokens.shape[-1]) if token_size is None else token_size
+        return self.token_layout(model_id, epoch, token_size=size, layers=layers).detokenize(tokens, positions)
+
+    def layer_stats(self, states=None, *, percentiles=(0, 25, 50, 75, 100), layers=None, long: bool = False):
+        """Per-tensor mean, var and percentiles of each state (zoos.md §4) as a DataFrame."""
+        from vitzoo.zoo import weights
+
+        return weights.layer_stats(self, states, percentiles=percentiles, layers=layers, long=long)
 
 
 def _read_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
