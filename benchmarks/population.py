@@ -4,7 +4,8 @@ Protocol: the CNN-s MNIST seed zoo (tanh, U init, Adam lr 3e-4, wd 0, batch 10; 
 train/val/test after every epoch; a checkpoint of every model at every epoch including epoch 0).
 Data: MNIST-shaped synthetic tensors (1x28x28, 10 classes) unless ``--data`` names an ``.npz``
 with ``x_train, y_train, x_test, y_test`` (keras' mnist.npz layout); ``--train-size`` and
-``--eval-size`` shrink the sets so the benchmark fits a CPU.
+``--eval-size`` shrink the sets so the benchmark fits a CPU. ``--train-metrics running`` drops the
+per-epoch evaluation pass over the train set (the engine's running averages replace it).
 
 Checkpoints are written the way the zoo format does it while training (docs/zoo-format.md): one
 safetensors file per model per epoch under ``models/<id>/.partial/``, atomically (temp + fsync +
@@ -118,8 +119,9 @@ def run(args: argparse.Namespace, data: dict[str, tuple[torch.Tensor, torch.Tens
     tmp = Path(tempfile.mkdtemp(prefix="vitzoo-bench-", dir=args.tmp))
     writer = CheckpointWriter(tmp, args.epochs)
     tx, ty = data["train"]
+    evals = data if args.train_metrics == "eval" else {k: v for k, v in data.items() if k != "train"}
     t0 = time.perf_counter()
-    hist = train_population("cnn-s", 1, 10, members, tx, ty, data, args.epochs, 10, device, writer,
+    hist = train_population("cnn-s", 1, 10, members, tx, ty, evals, args.epochs, 10, device, writer,
                             mode=mode, min_population=1 if mode == "population" else None)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -144,6 +146,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--tmp", default=None, help="folder for the checkpoint files (default: system temp)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--train-metrics", choices=["eval", "running"], default="eval",
+                    help="eval: a separate pass over the train set every epoch (default); running: the averages "
+                         "over the training batches (legacy zoos' train metrics), no train eval pass")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,6 +157,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "train_size": args.train_size, "eval_size": args.eval_size, "epochs": args.epochs,
+        "train_metrics": args.train_metrics,
     }
     print(json.dumps(env))
     # Warm-up: first vmap call imports torch._dynamo (seconds); not part of any measurement.

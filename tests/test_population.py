@@ -55,8 +55,8 @@ def _collect(store: dict[tuple[int, int], dict[str, torch.Tensor]]) -> Any:
 
 MEMBERS = [
     PopulationMember(1, 1, "adam", 1e-3, 0.0, activation="tanh", init="KU"),
-    PopulationMember(2, 7, "adam", 3e-3, 1e-3, activation="tanh", init="KU"),
-    PopulationMember(3, 3, "sgd", 1e-2, 1e-3, 0.9, activation="tanh", init="KU"),
+    PopulationMember(2, 7, "adam", 3e-3, 1e-3, activation="tanh", init="KU", grad_clip=0.1),
+    PopulationMember(3, 3, "sgd", 1e-2, 1e-3, 0.9, activation="tanh", init="KU", grad_clip=0.2),
     PopulationMember(4, 3, "sgd", 5e-2, 0.0, 0.5, activation="tanh", init="KU"),
 ]
 
@@ -194,3 +194,27 @@ def test_resnet_falls_back_to_one_by_one_with_augmentation() -> None:
     assert torch.equal(got[(0, 0)]["conv1.weight"], init0)
     with pytest.raises(ValueError, match="cannot be vectorised"):
         train_population("resnet18", 3, 10, members, x, y, {}, 1, 4, "cpu", mode="population")
+
+
+def test_adapter_maps_classic_recipes_to_members() -> None:
+    from pathlib import Path
+
+    from vitzoo.plan import expand
+    from vitzoo.recipe import load_recipe
+    from vitzoo.train.population_adapter import engine_kwargs, member_from_run, split_runs, unsupported
+
+    classic = Path(__file__).parent.parent / "recipes" / "classic"
+    runs = expand(load_recipe(classic / "mnist-cnn-s-hyp-10-fix.yaml")).runs
+    groups = split_runs(runs)
+    assert len(groups) == 1 and len(groups[0]) == 2560  # activation/dropout/init/optimizer vary per member
+    members = [member_from_run(r) for r in groups[0]]
+    assert {m.optimizer for m in members} == {"adam", "sgd"}
+    assert {(m.activation, m.dropout, m.init) for m in members} >= {("gelu", 0.5, "KN"), ("tanh", 0.0, "U")}
+    assert all(m.grad_clip is None for m in members)
+    kw = engine_kwargs(groups[0][0], steps_per_epoch=5000)
+    assert kw["arch"] == "cnn-s" and kw["in_chans"] == 1 and kw["augment"] is None
+    assert kw["schedule"](0, 250_000) == 1.0
+    res = expand(load_recipe(classic / "cifar10-resnet18-seed.yaml")).runs[0]
+    assert not unsupported(res) and engine_kwargs(res, 165)["augment"] == "crop_flip"
+    seed = member_from_run(expand(load_recipe(classic / "usps-cnn-s-seed.yaml")).runs[0])
+    assert (seed.optimizer, seed.lr, seed.weight_decay, seed.init, seed.activation) == ("adam", 3e-4, 1e-3, "U", "tanh")

@@ -91,7 +91,7 @@ def accuracy_plot(df: pd.DataFrame, stage: str, path: Path) -> Path | None:
     fig = Figure(figsize=(5, 3))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.hist(values, bins=min(30, max(5, len(values) // 3)), range=(0, 1), color="#4C72B0")
+    ax.hist(values, bins=40, range=(0, 1), color="#4C72B0")  # fixed 0.025-wide bins: comparable across zoos
     ax.set_xlabel(f"final {col.replace('_', ' ')}")
     ax.set_ylabel("models")
     ax.set_title(f"{stage}: {len(values)} models, median {values.median():.3f}")

@@ -32,7 +32,8 @@ Semantics, shared exactly by the vectorised engine and the reference loop (:func
 - Loss: ``F.cross_entropy`` (= log_softmax + NLL, mean over the batch).
 - Optimizers: ``adam`` matches ``torch.optim.Adam`` (coupled, L2-style ``weight_decay`` added to the
   gradient) and ``sgd`` matches ``torch.optim.SGD(momentum=..., dampening=0, nesterov=False)``,
-  op for op (single-tensor implementation), with per-model lr / weight decay / momentum.
+  op for op (single-tensor implementation), with per-model lr / weight decay / momentum, and
+  optional per-model global-norm gradient clipping (``clip_grad_norm_`` semantics).
 - Schedule: a per-step multiplier of each model's lr (``constant``, ``cosine``, ``onecycle`` as
   ``torch.optim.lr_scheduler.OneCycleLR``'s lr curve with its defaults, momentum not cycled), or any
   ``f(step, total_steps) -> float``; the reference loop applies the same through ``LambdaLR``.
@@ -117,6 +118,8 @@ class PopulationMember:
     init: str | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    grad_clip: float | None = None
+    """Clip each model's global gradient norm (``torch.nn.utils.clip_grad_norm_``); None = off."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
@@ -285,6 +288,9 @@ class _Population:
         self.wd = torch.tensor([m.weight_decay for m in members], **f32)
         self.mom = torch.tensor([m.momentum for m in members], **f32)
         self.any_wd = any(m.weight_decay != 0 for m in members)
+        self.clip = None
+        if any(m.grad_clip is not None for m in members):
+            self.clip = torch.tensor([m.grad_clip if m.grad_clip is not None else math.inf for m in members], **f32)
         self.betas, self.eps = m0.betas, m0.eps
         self.state: dict[str, list[Tensor]] = {}
         if self.optimizer == "adam":
@@ -337,6 +343,11 @@ class _Population:
         self.diverged_step = torch.where(newly, torch.full_like(self.diverged_step, step_index), self.diverged_step)
         self.alive = ok
         okf = ok.to(torch.float32)
+        if self.clip is not None:  # torch.nn.utils.clip_grad_norm_(foreach=False), per model
+            norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), 2, dim=1) for g in grads.values()])
+            total_norm = torch.linalg.vector_norm(norms, 2, dim=0)
+            coef = torch.clamp(self.clip / (total_norm + 1e-6), max=1.0)
+            grads = {n: g * self._bview(coef, g) for n, g in grads.items()}
         b = x.shape[1]
         self.run_loss += torch.where(ok, loss.double() * b, 0.0)
         self.run_correct += torch.where(ok, correct, 0)
@@ -536,6 +547,8 @@ def train_one(arch: str, in_chans: int, num_classes: int, member: PopulationMemb
                     if not bool(finite):
                         diverged_step = gstep
                         break
+                    if m.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), m.grad_clip, foreach=False)
                     opt.step()
                     sched.step()
                     gstep += 1

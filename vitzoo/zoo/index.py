@@ -55,7 +55,11 @@ def rows_for_run(info: dict[str, Any]) -> list[dict[str, Any]]:
         }
         row.update({m: st.get(m) for m in METRICS})
         row["grid_factors"] = json.dumps(sorted(info.get("factors", {})))
-        row.update(factors)
+        for axis, value in info.get("factors", {}).items():  # each axis as the recipe names it: filter(objective=...)
+            row.setdefault(axis, value if isinstance(value, (str, int, float, bool)) or value is None
+                           else json.dumps(value, sort_keys=True))
+        for k, v in factors.items():
+            row.setdefault(k, v)
         rows.append(row)
     return rows
 
