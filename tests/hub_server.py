@@ -12,6 +12,11 @@ It is a real store: commits get content-derived shas, branches and tags point at
 bytes are stored content-addressed (sha256), and every request is logged so tests can assert
 exactly what was uploaded or downloaded.
 
+Dataset repos (``repo_type="dataset"``) are served too, as far as ``datasets.load_dataset("org/name")``
+needs: the same API under ``/api/datasets/...``, LFS batch under ``/datasets/{repo}.git/...`` and
+downloads under ``/datasets/{repo}/resolve/...``. A model and a dataset may share an id; test helpers
+take ``repo_type="dataset"`` to address the dataset one.
+
 Modes: ``lfs_mode=False`` answers "regular" to every preupload (git blobs in the commit payload);
 ``lfs_mode=True`` answers "lfs" for binary weight/data files (the Hub's default ``.gitattributes``
 patterns) or anything over ``lfs_threshold`` bytes. Run the client with ``HF_HUB_DISABLE_XET=1``
@@ -50,6 +55,20 @@ def git_blob_oid(data: bytes) -> str:
 def lfs_pointer(sha256: str, size: int) -> bytes:
     """The git-lfs pointer file stored in git in place of an LFS file."""
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+REPO_TYPES = {"models": "model", "datasets": "dataset"}
+"""URL segment (``/api/<segment>/...``) → ``repo_type``."""
+
+
+def repo_key(repo_id: str, repo_type: str = "model") -> str:
+    """Key of a repo in :attr:`HubState.repos`: the id for models, ``datasets/<id>`` for datasets."""
+    return repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
+
+
+def url_prefix(repo_type: str) -> str:
+    """The Hub's URL prefix of a repo type: ``""`` for models, ``"datasets/"`` for datasets."""
+    return "" if repo_type == "model" else f"{repo_type}s/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +110,8 @@ class Repo:
     commits: dict[str, Commit] = dataclasses.field(default_factory=dict)
     branches: dict[str, str] = dataclasses.field(default_factory=dict)
     tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    repo_type: str = "model"
+    """``model`` or ``dataset``."""
 
     def resolve(self, revision: str) -> str | None:
         """Branch, tag or full commit sha → commit sha (the Hub also accepts ``refs/heads/x``)."""
@@ -249,28 +270,29 @@ class HubServer:
         """How many times each (method, path) was requested: ``hub.counts()["GET", "/org/z/resolve/main/x"]``."""
         return Counter((r.method, r.path) for r in self.requests)
 
-    def downloaded(self, repo_id: str) -> list[str]:
+    def downloaded(self, repo_id: str, repo_type: str = "model") -> list[str]:
         """Paths of files whose *content* was served (GET, not HEAD) from ``repo_id``, in order."""
         return [r.extra["file"] for r in self.requests
                 if r.method == "GET" and r.extra.get("repo") == repo_id and "file" in r.extra
-                and 200 <= r.status < 300]
+                and r.extra.get("repo_type", "model") == repo_type and 200 <= r.status < 300]
 
     def uploaded_lfs(self) -> list[str]:
         """sha256 of every LFS object whose bytes were PUT (successfully), in order."""
         return [r.extra["oid"] for r in self.requests if r.method == "PUT" and "oid" in r.extra
                 and 200 <= r.status < 300]
 
-    def committed_paths(self, repo_id: str) -> list[list[str]]:
+    def committed_paths(self, repo_id: str, repo_type: str = "model") -> list[list[str]]:
         """Per commit request that succeeded: the paths it carried (regular and LFS)."""
         return [r.extra["paths"] for r in self.requests
-                if r.extra.get("repo") == repo_id and "paths" in r.extra and 200 <= r.status < 300]
+                if r.extra.get("repo") == repo_id and "paths" in r.extra
+                and r.extra.get("repo_type", "model") == repo_type and 200 <= r.status < 300]
 
-    def repo(self, repo_id: str) -> Repo:
-        return self.state.repos[repo_id]
+    def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
+        return self.state.repos[repo_key(repo_id, repo_type)]
 
-    def files_at(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+    def files_at(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
         """Every file of ``repo_id`` at ``revision`` with its bytes (direct, bypassing HTTP)."""
-        repo = self.state.repos[repo_id]
+        repo = self.state.repos[repo_key(repo_id, repo_type)]
         sha = repo.resolve(revision)
         assert sha is not None, f"unknown revision {revision}"
         return {p: self.state.blobs[e.sha256] for p, e in repo.commits[sha].files.items()}
@@ -312,9 +334,30 @@ _ROUTES: list[_Route] = [
 ]
 
 
+def _typed_route(route: _Route) -> _Route:
+    """The same route for dataset repos: ``/api/models/`` → ``/api/datasets/``, ``/{repo}`` → ``/datasets/{repo}``."""
+    method, pattern, name = route
+    src = pattern.pattern
+    if src.startswith("^/api/models/"):
+        src = "^/api/(?P<kind>datasets)/" + src[len("^/api/models/"):]
+    elif src.startswith("^/__cdn/"):
+        src = "^/__cdn-(?P<kind>datasets)/" + src[len("^/__cdn/"):]
+    elif src.startswith(f"^/{_REPO}"):
+        src = "^/(?P<kind>datasets)/" + src[2:]
+    else:
+        raise AssertionError(f"route {name} is not per-repo")
+    return method, re.compile(src), name
+
+
+# Dataset routes: exactly the model ones under the Hub's dataset prefixes (no overlap with them).
+_ROUTES += [_typed_route(r) for r in _ROUTES if "?P<repo>" in r[1].pattern]
+
+
 class _Handler(BaseHTTPRequestHandler):
     hub: HubServer  # set on the bound subclass
     protocol_version = "HTTP/1.1"
+    repo_type = "model"
+    """The repo type of the request being served (set per request by the dispatcher)."""
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence stderr access log
         pass
@@ -381,6 +424,9 @@ class _Handler(BaseHTTPRequestHandler):
                 match = pattern.match(raw_path)  # revisions arrive quoted with safe="": split first
                 if route_method == method and match:
                     groups = {k: unquote(v) if v is not None else None for k, v in match.groupdict().items()}
+                    self.repo_type = REPO_TYPES[groups.pop("kind", None) or "models"]
+                    if self.repo_type != "model":
+                        entry.extra["repo_type"] = self.repo_type
                     getattr(self, f"_h_{name}")(entry, body, **groups)
                     return
             raise HubError(404, f"Not found: {method} {path}")
@@ -421,7 +467,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(401, INVALID_CREDENTIALS)
         if write:
             self._need_write()
-        repo = self.hub.state.repos.get(repo_id or "")
+        repo = self.hub.state.repos.get(repo_key(repo_id or "", self.repo_type))
         if repo is None or (repo.private and self._user() is None and self.hub.require_auth):
             # The Hub answers 401 for unknown repos to anonymous users, 404 with RepoNotFound otherwise.
             status = 401 if self._user() is None and self.hub.require_auth else 404
@@ -462,33 +508,38 @@ class _Handler(BaseHTTPRequestHandler):
     def _h_create_repo(self, entry: LoggedRequest, body: bytes) -> None:
         self._need_write()
         payload = json.loads(body or b"{}")
-        if payload.get("type", "model") not in (None, "model"):
-            raise HubError(400, "only model repos are supported by this test server")
+        repo_type = payload.get("type") or "model"
+        if repo_type not in ("model", "dataset"):
+            raise HubError(400, "only model and dataset repos are supported by this test server")
         org, name = payload.get("organization"), payload["name"]
         repo_id = f"{org}/{name}" if org else name
+        key = repo_key(repo_id, repo_type)
+        url = f"{self.hub.endpoint}/{url_prefix(repo_type)}{repo_id}"
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
         state = self.hub.state
         with state.lock:
-            if repo_id in state.repos:
+            if key in state.repos:
                 # The Hub's 409 body carries the url: create_repo(exist_ok=True) reads it.
-                raise HubError(409, "You already created this model repo",
-                               extra={"url": f"{self.hub.endpoint}/{repo_id}"})
-            repo = Repo(repo_id=repo_id, private=private)
+                raise HubError(409, f"You already created this {repo_type} repo", extra={"url": url})
+            repo = Repo(repo_id=repo_id, private=private, repo_type=repo_type)
             sha = state.store(DEFAULT_GITATTRIBUTES.encode())
             files = {".gitattributes": FileEntry(sha, len(DEFAULT_GITATTRIBUTES), False)}
             commit = state.new_commit(repo, None, files, "initial commit", "")
             repo.branches["main"] = commit.sha
-            state.repos[repo_id] = repo
+            state.repos[key] = repo
         entry.extra["repo"] = repo_id
-        self._send_json(entry, 200, {"url": f"{self.hub.endpoint}/{repo_id}", "name": repo_id, "id": repo_id})
+        if repo_type != "model":
+            entry.extra["repo_type"] = repo_type
+        self._send_json(entry, 200, {"url": url, "name": repo_id, "id": repo_id})
 
     def _h_delete_repo(self, entry: LoggedRequest, body: bytes) -> None:
         payload = json.loads(body or b"{}")
         org, name = payload.get("organization"), payload["name"]
         repo_id = f"{org}/{name}" if org else name
+        self.repo_type = payload.get("type") or "model"
         self._repo(repo_id, write=True)
         with self.hub.state.lock:
-            del self.hub.state.repos[repo_id]
+            del self.hub.state.repos[repo_key(repo_id, self.repo_type)]
         self._send(entry, 200, b"")
 
     def _h_repo_info(self, entry: LoggedRequest, body: bytes, repo: str, rev: str | None = None) -> None:
@@ -506,12 +557,15 @@ class _Handler(BaseHTTPRequestHandler):
                     sib["lfs"] = {"size": e.size, "sha256": e.sha256, "pointerSize": len(e.pointer)}
             siblings.append(sib)
         org = repo.split("/")[0] if "/" in repo else None
-        self._send_json(entry, 200, {
+        info = {
             "_id": hashlib.md5(repo.encode()).hexdigest()[:24], "id": repo, "modelId": repo, "author": org,
             "sha": commit.sha, "lastModified": commit.date, "createdAt": r.commits[_root(r)].date,
             "private": r.private, "disabled": False, "gated": False, "downloads": 0, "likes": 0,
             "tags": [], "library_name": None, "siblings": siblings,
-        })
+        }
+        if r.repo_type == "dataset":  # the Hub's dataset info has no modelId / library_name
+            del info["modelId"], info["library_name"]
+        self._send_json(entry, 200, info)
 
     def _h_refs(self, entry: LoggedRequest, body: bytes, repo: str) -> None:
         r = self._repo(repo)
@@ -692,7 +746,8 @@ class _Handler(BaseHTTPRequestHandler):
             r.branches[rev] = commit.sha
         entry.extra.update(repo=repo, paths=[o["path"] for o in ops])
         self._send_json(entry, 200, {"success": True, "commitOid": commit.sha,
-                                     "commitUrl": f"{self.hub.endpoint}/{repo}/commit/{commit.sha}",
+                                     "commitUrl": f"{self.hub.endpoint}/{url_prefix(r.repo_type)}{repo}"
+                                                  f"/commit/{commit.sha}",
                                      "hookOutput": ""})
 
     def _h_lfs_batch(self, entry: LoggedRequest, body: bytes, repo: str) -> None:
@@ -746,7 +801,8 @@ class _Handler(BaseHTTPRequestHandler):
         if e.lfs:
             headers.update({"X-Linked-Etag": f'"{e.sha256}"', "X-Linked-Size": str(e.size)})
             if self.hub.redirect_lfs:
-                headers["Location"] = f"{self.hub.cdn_endpoint}/__cdn/{e.sha256}/{repo}/{quote(path)}"
+                cdn = "__cdn" if r.repo_type == "model" else f"__cdn-{r.repo_type}s"
+                headers["Location"] = f"{self.hub.cdn_endpoint}/{cdn}/{e.sha256}/{repo}/{quote(path)}"
                 self._send(entry, 302, b"", headers=headers, head=head)
                 return
             headers["ETag"] = f'"{e.sha256}"'

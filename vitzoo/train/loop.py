@@ -301,12 +301,11 @@ def _schedule(cfg: StageConfig, steps_per_epoch: int) -> Callable[[int], float]:
     name, floor = cfg.schedule.name, cfg.schedule.min_lr_ratio
 
     def lr_at(step: int) -> float:
-        if name == "onecycle":  # torch's OneCycleLR defaults: 30% up from max/25, cosine down to max/25e4
-            up = max(1, int(0.3 * total))
-            if step < up:
-                return 1 / 25 + (1 - 1 / 25) * (1 - math.cos(math.pi * step / up)) / 2
-            t = (step - up) / max(1, total - up)
-            return 1 / 25e4 + (1 - 1 / 25e4) * (1 + math.cos(math.pi * t)) / 2
+        if name == "onecycle":  # torch's OneCycleLR (defaults): cosine from max/25 up to max, then to max/25e4
+            peak = 0.3 * total - 1
+            if step <= peak:
+                return _cos_anneal(1 / 25, 1.0, step / peak)
+            return _cos_anneal(1.0, 1 / 25e4, (step - peak) / (total - 1 - peak))
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if name == "constant":
@@ -315,6 +314,10 @@ def _schedule(cfg: StageConfig, steps_per_epoch: int) -> Callable[[int], float]:
         return floor + (1 - floor) * (1 + math.cos(math.pi * t)) / 2
 
     return lr_at
+
+
+def _cos_anneal(start: float, end: float, pct: float) -> float:
+    return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
 
 
 def _supervised_loss(cfg: StageConfig, num_classes: int):

@@ -90,10 +90,10 @@ EvalSets = dict[str, tuple[Tensor, Tensor]]
 
 VECTORISED_ARCHS = ("cnn-s", "cnn-m")
 
-#: Smallest group that ``auto`` mode vectorises, per device type. Measured on a 2-core CPU
-#: (benchmarks/RESULTS.md): at 2 models the vmap-ed step costs about what two plain steps cost,
-#: from ~8 on it is clearly cheaper. On GPUs any group of 2+ gains.
-MIN_POPULATION = {"cpu": 8, "cuda": 2}
+#: Smallest group that ``auto`` mode vectorises, per device type. Measured on a shared 2-core CPU,
+#: one thread (benchmarks/RESULTS.md): per-model step time 3.4 ms at 2 models, 2.2 ms at 8 (no
+#: better than a plain step, 2.0-2.4 ms), 1.7 ms at 16, 1.4 ms at 32-128. On GPUs 2+ gains.
+MIN_POPULATION = {"cpu": 16, "cuda": 2}
 
 #: Largest sub-population on CPU: the step is memory-bandwidth bound there, and the per-model
 #: step time is flat from ~32 to ~128 models and worse beyond (activations leave the caches).
@@ -616,13 +616,28 @@ def train_population(arch: str, in_chans: int, num_classes: int, members: Sequen
     for i, m in enumerate(members):
         groups.setdefault(_group_key(m), []).append(i)
     cap = max_population or max_population_size(arch, in_chans, num_classes, batch_size, dev)
+    least = min_population or MIN_POPULATION.get(dev.type, 2)
     for idx in groups.values():
-        if mode == "auto" and len(idx) < (min_population or MIN_POPULATION.get(dev.type, 2)):
-            sequential(idx)
-            continue
-        _run_chunks(arch, in_chans, num_classes, members, idx, cap, train_x, train_y, evals, epochs, batch_size,
-                    dev, on_epoch, schedule, dropout_seed, eval_memory_bytes, history)
+        for chunk in balanced_chunks(idx, cap):
+            if mode == "auto" and len(chunk) < least:
+                sequential(chunk)
+                continue
+            _run_chunks(arch, in_chans, num_classes, members, chunk, len(chunk), train_x, train_y, evals, epochs,
+                        batch_size, dev, on_epoch, schedule, dropout_seed, eval_memory_bytes, history)
     return history
+
+
+def balanced_chunks(idx: list[int], cap: int) -> list[list[int]]:
+    """Split ``idx`` into the fewest chunks of at most ``cap``, of near-equal size (70, cap 64 → 35 + 35:
+    no straggler chunk too small to vectorise well)."""
+    n = max(1, -(-len(idx) // max(cap, 1)))
+    size, extra = divmod(len(idx), n)
+    out, s = [], 0
+    for k in range(n):
+        e = s + size + (1 if k < extra else 0)
+        out.append(idx[s:e])
+        s = e
+    return [c for c in out if c]
 
 
 def _run_chunks(arch: str, in_chans: int, num_classes: int, members: list[PopulationMember], idx: list[int], cap: int,
