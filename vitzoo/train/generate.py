@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from vitzoo.errors import VitzooError
-from vitzoo.plan import Plan, canonical_json, expand, shard
+from vitzoo.plan import Plan, canonical_json, expand, populations, shard
 from vitzoo.recipe import Recipe, RecipeError, load_recipe
 from vitzoo.zoo.index import write_index
 from vitzoo.zoo.io import FORMAT_VERSION, write_json, write_text
@@ -120,6 +120,7 @@ def _preflight(plan: Plan, cache, recipe: Recipe) -> None:
 def _train_all(recipe, plan, out, state, cache, progress, max_runs, log, stop_after_epoch, t0) -> dict[str, Any]:
     import torch
 
+    from vitzoo.train.classic import population_ready, train_group
     from vitzoo.train.loop import RunContext, train_run
 
     ctx = RunContext(zoo_root=out, device=state.device, cache=cache, progress=progress and state.is_main_process,
@@ -133,11 +134,18 @@ def _train_all(recipe, plan, out, state, cache, progress, max_runs, log, stop_af
             runs = runs[:max_runs]
         mine = shard(runs, state.process_index, state.num_processes)
         bar = _zoo_bar(ctx, len(mine), stage.name)
-        for spec in mine:
-            info = train_run(spec, ctx)
-            ctx.log(_summary(info))
-            if bar is not None:
-                bar.update(1)
+        if population_ready(stage):  # classic CNN stages: groups of runs trained together
+            for group in populations(mine):
+                for info in train_group(group, ctx):
+                    ctx.log(_summary(info))
+                if bar is not None:
+                    bar.update(len(group))
+        else:
+            for spec in mine:
+                info = train_run(spec, ctx)
+                ctx.log(_summary(info))
+                if bar is not None:
+                    bar.update(1)
         if bar is not None:
             bar.close()
         state.wait_for_everyone()

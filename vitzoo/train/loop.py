@@ -158,20 +158,27 @@ def train_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     final_epoch, unsaved_state = last_good
     if unsaved_state is not None:  # a diverged run's last good state was not a checkpoint epoch
         writer.save_epoch(final_epoch, unsaved_state)
+    return finish_run(spec, ctx, writer, built, dataset=data.name, final_epoch=final_epoch, status=status,
+                      wall_s=time.time() - t_start, precision=str(amp_dtype or "float32"))
+
+
+def finish_run(spec: RunSpec, ctx: RunContext, writer: RunWriter, built: Built, *, dataset: str, final_epoch: int,
+               status: str, wall_s: float, precision: str) -> dict[str, Any]:
+    """Write config.json and run.json for a trained run (shared by the per-run and population engines)."""
+    cfg = spec.config
     config_json = vit.config_json(
         built.arch, built.model_args, built.num_classes, built.label_names, built.pp.pretrained_cfg(built.num_classes),
         built.num_features,
         {"run_id": spec.run_id, "stage": spec.stage, "parent_id": spec.parent_id, "parent_epoch": spec.parent_epoch,
-         "head": built.head, "head_hidden": built.head_hidden, "objective": cfg.objective.name,
-         "dataset": data.name},
+         "head": built.head, "head_hidden": built.head_hidden, "objective": cfg.objective.name, "dataset": dataset},
     )
     run_info = {
         "stage": spec.stage, "factors": spec.factors, "init_seed": spec.init_seed, "data_seed": spec.data_seed,
         "repeat": spec.repeat, "parent_id": spec.parent_id, "parent_epoch": spec.parent_epoch,
-        "config": asdict(cfg), "dataset": data.name, "num_classes": built.num_classes,
-        "num_params": sum(p.numel() for p in built.export().values()),
-        "wall_time_s": round(time.time() - t_start, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "hardware": ctx.hardware, "device": str(ctx.device), "precision": str(amp_dtype or "float32"),
+        "config": asdict(cfg), "dataset": dataset, "num_classes": built.num_classes,
+        "num_params": sum(v.numel() for v in built.export().values()),  # the saved network (no projector, adapters merged)
+        "wall_time_s": round(wall_s, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "hardware": ctx.hardware, "device": str(ctx.device), "precision": precision,
     }
     return writer.finalize(config_json=config_json, run_info=run_info, final_epoch=final_epoch, status=status)
 
@@ -201,15 +208,14 @@ def _build(spec: RunSpec, ctx: RunContext, num_classes: int, label_names: list[s
 
 
 def _build_cnn(spec: RunSpec, num_classes: int, label_names: list[str]) -> Built:
-    from vitzoo.models import cnn
+    from vitzoo.models import cnn_model_args
+    from vitzoo.models.cnn import build_cnn
 
     m = spec.config.model
     assert m is not None
-    net = cnn.build_cnn(m.variant, spec.config.data.channels, num_classes, m.activation or "relu", m.dropout,
-                        m.init or "KU", spec.init_seed)
+    args = cnn_model_args(spec.config.data.channels, m.activation, m.dropout, m.init)
+    net = build_cnn(m.variant, num_classes=num_classes, seed=spec.init_seed, **args)
     pp = preprocessing_for(spec.config.data, m.resolved_img_size)
-    args = {"in_chans": spec.config.data.channels, "activation": m.activation or "relu", "dropout": m.dropout,
-            "init": m.init or "KU"}
     return Built(net, lambda: _cpu_state(net), f"vitzoo/{m.variant}", args, num_classes, 0, pp, label_names,
                  "linear", None)
 

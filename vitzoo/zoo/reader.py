@@ -169,7 +169,9 @@ class Zoo:
     def state_dict(self, model_id: str, epoch: int | None = None) -> dict[str, torch.Tensor]:
         """The weights of one state (default: the final one), in timm naming."""
         row = self._row(model_id, epoch)
-        return _read_prefixed(self._file(row), row["tensor_prefix"])
+        sd = _read_prefixed(self._file(row), row["tensor_prefix"])
+        order = self.param_order(model_id)  # safetensors stores keys sorted; hand them back in module order
+        return {k: sd[k] for k in order} if set(order) == set(sd) else sd
 
     def model(self, model_id: str, epoch: int | None = None) -> nn.Module:
         """A ready ``nn.Module`` in eval mode; ``model.pretrained_cfg`` holds its preprocessing."""
@@ -194,9 +196,9 @@ class Zoo:
 
     def param_order(self, model_id: str) -> list[str]:
         """The stable order of tensors in flat vectors: the architecture's ``state_dict()`` order."""
-        from vitzoo.models import from_config
+        from vitzoo.zoo.weights import param_order
 
-        return list(from_config(self.config(model_id)).state_dict().keys())
+        return param_order(self, model_id)  # the network is built once per distinct architecture
 
     def to_dataset(self):
         """The index as a ``datasets.Dataset``."""
