@@ -87,8 +87,8 @@ def _expand(recipe: Recipe) -> Plan:
     plan = Plan(recipe)
     for stage in recipe.stages:
         parents = [None]
-        if stage.finetune is not None:
-            parents = plan.stage_runs(stage.finetune.parent_stage)
+        if stage.parent is not None:
+            parents = plan.stage_runs(stage.parent.parent_stage)
         points = grid_points(stage)
         seeded = [(pt, rep, seed) for pt_i, pt in enumerate(points) for rep, seed in
                   enumerate(_seeds(stage, recipe.seed, pt_i))]
@@ -110,7 +110,7 @@ def _expand(recipe: Recipe) -> Plan:
                 data_seed = {"same": seed, "offset": seed + 1_000_003, "fixed": stage.seeds.fixed_data_seed}[
                     stage.seeds.data]
                 pid = parent.run_id if parent else None
-                pep = stage.finetune.parent_epoch if stage.finetune else None
+                pep = stage.parent.parent_epoch if stage.parent else None
                 rid = run_id(stage.name, cfg, seed, data_seed, pid, pep)
                 plan.runs.append(RunSpec(rid, stage.name, cfg, dict(pt), seed, data_seed, pid, pep, rep))
     dupes = [k for k, n in Counter(r.run_id for r in plan.runs).items() if n > 1]
@@ -145,7 +145,7 @@ def populations(runs: list[RunSpec]) -> list[list[RunSpec]]:
         c = r.config
         key = canonical_json([
             r.stage, dataclasses.asdict(c.model) if c.model else None, dataclasses.asdict(c.data), c.epochs,
-            c.batch_size, c.objective.name, c.aug.level, dataclasses.asdict(c.finetune) if c.finetune else None,
+            c.batch_size, c.objective.name, c.aug.level, dataclasses.asdict(c.parent) if c.parent else None,
         ])
         groups.setdefault(key, []).append(r)
     return list(groups.values())

@@ -266,6 +266,29 @@ class FinetuneConfig:
 
 
 @dataclass
+class SparsifyConfig:
+    """Sparsified twins (Model Zoos §1): variational-dropout sparsification of each parent model.
+
+    Each parent's state at ``parent_epoch`` is trained further with variational dropout
+    (Molchanov et al. 2017) for the stage's ``epochs``; weights whose log alpha reaches
+    ``threshold`` are pruned, and ``sparsity_ratio`` is recorded per epoch in the index.
+    """
+
+    parent_stage: str = "train"
+    parent_epoch: str = "last"
+    """Which parent state to start from: ``last`` or an epoch number (a saved checkpoint)."""
+    log_sigma2_init: float = -10.0
+    threshold: float = 3.0
+    """Prune a weight when its log alpha = log sigma^2 - log w^2 is at least this."""
+    kl_weight: float = 1.0
+    """Weight of the KL term, ramped in by min(1, 0.01 * epoch / epochs) as in the reference."""
+
+    def __post_init__(self) -> None:
+        if self.parent_epoch != "last" and not str(self.parent_epoch).isdigit():
+            raise ValueError(f"parent_epoch must be 'last' or an epoch number; got {self.parent_epoch!r}")
+
+
+@dataclass
 class SeedConfig:
     """Seeds: the repetitions of every grid point.
 
@@ -309,6 +332,8 @@ class StageConfig:
     name: str = "train"
     finetune: FinetuneConfig | None = None
     """Present for fine-tuning stages: which parent stage and how."""
+    sparsify: SparsifyConfig | None = None
+    """Present for sparsification stages (sparsified twins of a parent stage's models)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig | None = None
     """The architecture (fine-tuning stages inherit their parent's)."""
@@ -340,14 +365,19 @@ class StageConfig:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1; got {self.checkpoint_every}")
-        if self.finetune is None and self.model is None:
-            raise ValueError("a stage without `finetune` needs a `model`")
-        if self.finetune is not None and self.model is not None:
-            raise ValueError("a fine-tuning stage inherits its parent's `model`; remove `model`")
+        if self.finetune is not None and self.sparsify is not None:
+            raise ValueError("a stage is either `finetune` or `sparsify`, not both")
+        if self.parent is None and self.model is None:
+            raise ValueError("a stage without `finetune` or `sparsify` needs a `model`")
+        if self.parent is not None and self.model is not None:
+            raise ValueError("a fine-tuning or sparsification stage inherits its parent's `model`; remove `model`")
         if self.objective.name == "simclr" and self.finetune is not None:
             raise ValueError("fine-tuning stages are supervised; objective simclr is for pre-training")
-        if self.finetune is not None and self.finetune.parent_epoch != "last":
-            pass  # checked against the parent stage in Recipe.__post_init__
+
+    @property
+    def parent(self) -> FinetuneConfig | SparsifyConfig | None:
+        """The section naming this stage's parent stage (fine-tuning or sparsification), if any."""
+        return self.finetune or self.sparsify
 
     def saved_epochs(self) -> list[int]:
         """Epochs whose state is saved: 0, every N-th (or the explicit list), and the last."""
@@ -379,14 +409,14 @@ class Recipe:
         for st in self.stages:
             if st.name in seen:
                 raise ValueError(f"stage {st.name!r} appears twice")
-            if st.finetune is not None:
-                parent = seen.get(st.finetune.parent_stage)
+            if st.parent is not None:
+                parent = seen.get(st.parent.parent_stage)
                 if parent is None:
                     raise ValueError(
-                        f"stage {st.name!r}: parent_stage {st.finetune.parent_stage!r} is not an earlier stage"
+                        f"stage {st.name!r}: parent_stage {st.parent.parent_stage!r} is not an earlier stage"
                         f" (earlier: {', '.join(seen) or 'none'})"
                     )
-                pe = st.finetune.parent_epoch
+                pe = st.parent.parent_epoch
                 if pe != "last":
                     for p in _stage_variants(parent):
                         if int(pe) not in p.saved_epochs():
@@ -525,16 +555,17 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
 
 def _check_grid(stage: StageConfig) -> None:
     where = f"stages.{stage.name}.grid"
-    fields = {f.name for f in dataclasses.fields(StageConfig)} - {"grid", "seeds", "sample", "name", "finetune"}
+    fields = {f.name for f in dataclasses.fields(StageConfig)} - {"grid", "seeds", "sample", "name", "finetune",
+                                                                   "sparsify"}
     for key, values in stage.grid.items():
         path = axis_path(key)
         top = path.split(".")[0]
-        if top not in fields | {"finetune"}:
+        if top not in fields | {"finetune", "sparsify"}:
             raise RecipeError(f"{where}.{key}: unknown axis; allowed: {', '.join(sorted(fields | set(AXIS_ALIASES)))}")
-        if top == "finetune" and stage.finetune is None:
-            raise RecipeError(f"{where}.{key}: only fine-tuning stages have {path!r}")
-        if top == "model" and stage.finetune is not None:
-            raise RecipeError(f"{where}.{key}: a fine-tuning stage inherits its parent's model")
+        if getattr(stage, top, True) is None:
+            raise RecipeError(f"{where}.{key}: this stage has no `{top}` section")
+        if top == "model" and stage.parent is not None:
+            raise RecipeError(f"{where}.{key}: a fine-tuning or sparsification stage inherits its parent's model")
         if not isinstance(values, list) or not values:
             raise RecipeError(f"{where}.{key}: an axis is a non-empty list of values; got {values!r}")
         seen = []

@@ -37,7 +37,7 @@ _ENGINE_OPTIMIZERS = {"adam": "adam", "sgd": "sgd"}
 def population_ready(stage: StageConfig) -> bool:
     """True when a stage's runs can go through the population engine instead of the per-run loop."""
     m = stage.model
-    return (m is not None and not m.is_vit and stage.finetune is None and stage.objective.name == "supervised"
+    return (m is not None and not m.is_vit and stage.parent is None and stage.objective.name == "supervised"
             and stage.optimizer.name in _ENGINE_OPTIMIZERS and not stage.aug.rand_augment and not stage.aug.re_prob
             and not stage.aug.mixup and not stage.aug.cutmix and not stage.aug.label_smoothing)
 
@@ -72,6 +72,7 @@ def train_group(runs: list[RunSpec], ctx: RunContext) -> list[dict[str, Any]]:
     writers = [RunWriter(ctx.zoo_root, r.run_id) for r in pending]
     for w in writers:  # a group restarts from epoch 0: drop what an interrupted attempt left
         shutil.rmtree(w.partial, ignore_errors=True)
+        w.discard_temp_files()
     saved = set(cfg.saved_epochs())
     histories: list[list[dict[str, Any]]] = [[] for _ in pending]
     last_good: list[tuple[int, dict[str, torch.Tensor] | None]] = [(0, None) for _ in pending]

@@ -26,7 +26,7 @@ from vitzoo.errors import VitzooError
 from vitzoo.plan import Plan, canonical_json, expand, populations, shard
 from vitzoo.recipe import Recipe, RecipeError, load_recipe
 from vitzoo.zoo.index import write_index
-from vitzoo.zoo.io import FORMAT_VERSION, write_json, write_text
+from vitzoo.zoo.io import FORMAT_VERSION, discard_temp_files, write_json, write_text
 from vitzoo.zoo.provenance import provenance
 
 
@@ -88,6 +88,7 @@ def generate(recipe_path: str | Path, out: str | Path, *, progress: bool = True,
     created = not out.exists()
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        discard_temp_files(out)  # a previous process killed while writing index.parquet or zoo.json
         if not resuming:
             _write_recipe(out, recipe)
             write_json(out / "zoo.json", _zoo_json(recipe, plan, state.num_processes, status="generating"))
@@ -134,7 +135,14 @@ def _train_all(recipe, plan, out, state, cache, progress, max_runs, log, stop_af
             runs = runs[:max_runs]
         mine = shard(runs, state.process_index, state.num_processes)
         bar = _zoo_bar(ctx, len(mine), stage.name)
-        if population_ready(stage):  # classic CNN stages: groups of runs trained together
+        if stage.sparsify is not None:  # sparsified twins: one variational-dropout run per parent
+            from vitzoo.train.sparsify import train_sparsify_run
+
+            for spec in mine:
+                ctx.log(_summary(train_sparsify_run(spec, ctx)))
+                if bar is not None:
+                    bar.update(1)
+        elif population_ready(stage):  # classic CNN stages: groups of runs trained together
             for group in populations(mine):
                 for info in train_group(group, ctx):
                     ctx.log(_summary(info))

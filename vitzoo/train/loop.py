@@ -70,6 +70,7 @@ def train_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
         import json
 
         return json.loads((writer.folder / "run.json").read_text())
+    writer.discard_temp_files()
     cfg = spec.config
     t_start = time.time()
     data = ctx.cache.splits(cfg.data)

@@ -23,6 +23,10 @@ ID_COLUMNS = ("model_id", "stage", "parent_id", "parent_epoch", "status", "epoch
               "tensor_prefix", "sha256", "size", "init_seed", "data_seed", "repeat")
 
 
+#: Keys of a state row in run.json that are not metrics (``lr`` and ``objective_loss`` are training logs).
+_STATE_KEYS = {"epoch", "final", "file", "tensor_prefix", "sha256", "size", "lr", "objective_loss"}
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"optimizer": {"lr": 1e-3}}`` → ``{"optimizer.lr": 1e-3}``; lists become JSON strings."""
     out: dict[str, Any] = {}
@@ -54,6 +58,7 @@ def rows_for_run(info: dict[str, Any]) -> list[dict[str, Any]]:
             "repeat": info.get("repeat", 0),
         }
         row.update({m: st.get(m) for m in METRICS})
+        row.update({k: v for k, v in st.items() if k not in row and k not in _STATE_KEYS})  # e.g. sparsity_ratio
         row["grid_factors"] = json.dumps(sorted(info.get("factors", {})))
         for axis, value in info.get("factors", {}).items():  # each axis as the recipe names it: filter(objective=...)
             row.setdefault(axis, value if isinstance(value, (str, int, float, bool)) or value is None

@@ -40,6 +40,14 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def discard_temp_files(folder: str | Path) -> None:
+    """Remove the temporary files of atomic writes that a killed process never finished."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
+
+
 def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

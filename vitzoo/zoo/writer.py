@@ -19,7 +19,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from vitzoo.zoo.io import FORMAT_VERSION, save_safetensors, sha256_file, write_json
+from vitzoo.zoo.io import FORMAT_VERSION, discard_temp_files, save_safetensors, sha256_file, write_json
 
 MODELS_DIR = "models"
 PARTIAL = ".partial"
@@ -51,6 +51,11 @@ class RunWriter:
     def history(self) -> list[dict[str, Any]]:
         p = self.partial / "history.json"
         return json.loads(p.read_text()) if p.is_file() else []
+
+    def discard_temp_files(self) -> None:
+        """Sweep what a killed attempt left of unfinished atomic writes (called before training)."""
+        discard_temp_files(self.folder)
+        discard_temp_files(self.partial)
 
     # ---------------------------------------------------------------- while training
     def save_epoch(self, epoch: int, state: dict[str, torch.Tensor]) -> None:
