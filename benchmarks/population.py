@@ -168,12 +168,15 @@ def main() -> None:
     small = {k: (x[:20], y[:20]) for k, (x, y) in data.items()}
     run(warm, small, 2, "population", args.device)
 
-    base = run(args, data, args.baseline_models, "sequential", args.device)
-    print(f"one-by-one: {base['model_epochs_per_hour']:.0f} model-epochs/h "
-          f"({base['model_epochs_per_cpu_hour']:.0f} per CPU-hour; ckpt {100 * base['ckpt_fraction']:.1f}% of wall, "
-          f"{base['wall_s']:.1f}s for {base['models']} models)", flush=True)
-    rows = [base]
+    rows = []
     for p in (int(s) for s in args.sizes.split(",")):
+        # A fresh one-by-one baseline right before each size: other jobs on a shared machine drift
+        # the speed over minutes, and a ratio is only meaningful between neighbouring runs.
+        base = run(args, data, args.baseline_models, "sequential", args.device)
+        rows.append(base)
+        print(f"one-by-one ({base['models']} models): {base['model_epochs_per_hour']:9.0f} model-epochs/h "
+              f"({base['model_epochs_per_cpu_hour']:.0f} per CPU-hour)  ckpt {100 * base['ckpt_fraction']:4.1f}% "
+              f"of wall  wall {base['wall_s']:.1f}s", flush=True)
         # `auto` is what the engine does (it trains small groups one by one where vectorising does
         # not pay); below that threshold the forced vectorised figure is shown too.
         modes = ["auto"] + (["population"] if p < MIN_POPULATION.get(torch.device(args.device).type, 2) else [])

@@ -268,8 +268,9 @@ def test_missing_column_split_repo_and_revision_are_clear_errors(hub_dataset: Hu
     assert "has: train, test" in res["test_split"]["message"]
     # Not vitzoo's own errors (they come from `datasets`), but they name what is wrong.
     assert "nope" in res["config"]["message"] and "small" in res["config"]["message"], res["config"]
-    assert res["repo"]["error"] == "DatasetNotFoundError" and "vitzoo-test/no-such-dataset" in res["repo"]["message"]
-    assert res["revision"]["error"] == "DatasetNotFoundError" and "v9" in res["revision"]["message"]
+    for case, needle in (("repo", "vitzoo-test/no-such-dataset"), ("revision", "v9"), ("config", "nope")):
+        assert res[case]["error"] == "DataError" and res[case]["message"].startswith("data.source:"), res[case]
+        assert needle in res[case]["message"], res[case]
 
 
 def _recipe(path: Path, **data) -> Path:

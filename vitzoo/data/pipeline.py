@@ -102,6 +102,10 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
+#: Splits with more input elements than this (1 GiB of float32) are streamed instead of cached.
+CACHE_LIMIT = 2**28
+
+
 class DataCache:
     """Per-process cache: many runs of a zoo share one dataset and its evaluation tensors."""
 
@@ -119,6 +123,10 @@ class DataCache:
             self._splits[k] = load_splits(cfg)
         return self._splits[k]
 
+    def fits(self, cfg: DataConfig, split: str, pp: Preprocessing) -> bool:
+        """Whether a whole split is small enough to keep in memory as tensors (CIFAR yes, ImageNet no)."""
+        return len(getattr(self.splits(cfg), split)) * pp.channels * pp.img_size**2 <= CACHE_LIMIT
+
     def eval_tensors(self, cfg: DataConfig, split: str, pp: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
         """All images of a split through the eval transform, stacked once and reused."""
         key = (self._key(cfg), split, pp)
@@ -135,7 +143,7 @@ def train_loader(cache: DataCache, cfg: DataConfig, pp: Preprocessing, aug: AugC
                  data_seed: int, views: int = 1) -> tuple[DataLoader, EpochSampler]:
     """The training loader; for un-augmented single-view training it serves cached tensors."""
     split = cache.splits(cfg).train
-    if views == 1 and train_transform(pp, aug) is not None and _is_plain(aug):
+    if views == 1 and _is_plain(aug) and cache.fits(cfg, "train", pp):
         x, y = cache.eval_tensors(cfg, "train", pp)
         ds: Dataset = torch.utils.data.TensorDataset(x, y)
         workers = 0

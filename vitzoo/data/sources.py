@@ -16,6 +16,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from datasets.exceptions import DatasetNotFoundError
 from PIL import Image, ImageDraw
 
 from vitzoo.errors import VitzooError
@@ -47,7 +48,11 @@ def load_splits(cfg: DataConfig) -> SplitData:
         dd = BUILTINS[ref]()
         name = f"vitzoo-builtin/{ref}"
     elif kind == "hf":
-        dd = datasets.load_dataset(ref, cfg.config, revision=cfg.revision)
+        try:
+            dd = datasets.load_dataset(ref, cfg.config, revision=cfg.revision)
+        except (DatasetNotFoundError, FileNotFoundError, ValueError) as e:  # unknown repo, config or revision
+            raise DataError(f"data.source: cannot load Hub dataset {ref!r} (config {cfg.config!r}, revision "
+                            f"{cfg.revision!r}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         name = ref
     elif kind == "imagefolder":
         if not Path(ref).is_dir():

@@ -32,9 +32,6 @@ from vitzoo.recipe import StageConfig, parse_duration
 from vitzoo.train.objectives import SimCLRModel, info_nce, knn_accuracy
 from vitzoo.zoo.writer import RunWriter
 
-#: Evaluation sets larger than this many input elements are streamed instead of cached in memory.
-_CACHE_LIMIT = 2**28
-
 
 @dataclass
 class RunContext:
@@ -424,7 +421,7 @@ def _eval_batches(ctx: RunContext, cfg: StageConfig, split: str, pp: Preprocessi
         limit = min(limit or 10_000, 10_000)
     if limit is not None:
         n = min(n, limit)
-    if n * pp.channels * pp.img_size**2 <= _CACHE_LIMIT:
+    if ctx.cache.fits(cfg.data, split, pp):
         x, y = ctx.cache.eval_tensors(cfg.data, split, pp)
         for i in range(0, n, bs):
             yield x[i:min(i + bs, n)], y[i:min(i + bs, n)]

@@ -263,7 +263,7 @@ def _metrics_template(index: int, epoch: int) -> dict[str, Any]:
 
 
 class _Population:
-    """P models of one architecture as stacked tensors ``{name: (P, *shape)}`` + functional updates."""
+    """P models of one architecture as one flat (P, n_params) buffer + functional optimizer updates."""
 
     def __init__(self, arch: str, in_chans: int, num_classes: int, members: Sequence[PopulationMember],
                  device: torch.device, dropout_seed: int) -> None:
@@ -276,12 +276,19 @@ class _Population:
         self.template = models[0].to(device)
         if any(True for _ in self.template.buffers()):
             raise ValueError(f"{arch}: models with buffers (batchnorm) are not vectorised; use train_one_by_one")
-        names = [n for n, _ in self.template.named_parameters()]
-        self.params: dict[str, Tensor] = {
-            n: torch.stack([dict(mm.named_parameters())[n].detach() for mm in models]).to(device).contiguous()
-            for n in names
-        }
-        del models
+        self.names = [n for n, _ in self.template.named_parameters()]
+        # All parameters of a model live in one row of a flat (P, n_params) buffer; the dict
+        # handed to functional_call holds (P, *shape) views of it. The optimizer then updates
+        # every parameter of every model in a handful of kernels, whatever the layer count.
+        stacked = [torch.stack([dict(mm.named_parameters())[n].detach() for mm in models]) for n in self.names]
+        self.flat = torch.cat([t.flatten(1) for t in stacked], 1).to(device).contiguous()
+        self.params: dict[str, Tensor] = {}
+        off = 0
+        for n, t in zip(self.names, stacked, strict=True):
+            k = t[0].numel()
+            self.params[n] = self.flat[:, off:off + k].view(self.P, *t.shape[1:])
+            off += k
+        del models, stacked
         self.optimizer = m0.optimizer
         f32 = dict(dtype=torch.float32, device=device)
         self.lr = torch.tensor([m.lr for m in members], **f32)
@@ -292,12 +299,12 @@ class _Population:
         if any(m.grad_clip is not None for m in members):
             self.clip = torch.tensor([m.grad_clip if m.grad_clip is not None else math.inf for m in members], **f32)
         self.betas, self.eps = m0.betas, m0.eps
-        self.state: dict[str, list[Tensor]] = {}
+        self.state: dict[str, Tensor] = {}
         if self.optimizer == "adam":
-            self.state["exp_avg"] = [torch.zeros_like(p) for p in self.params.values()]
-            self.state["exp_avg_sq"] = [torch.zeros_like(p) for p in self.params.values()]
+            self.state["exp_avg"] = torch.zeros_like(self.flat)
+            self.state["exp_avg_sq"] = torch.zeros_like(self.flat)
         else:
-            self.state["momentum_buffer"] = [torch.zeros_like(p) for p in self.params.values()]
+            self.state["momentum_buffer"] = torch.zeros_like(self.flat)
         self.step_count = 0
         self.alive = torch.ones(self.P, dtype=torch.bool, device=device)
         self.diverged_step = torch.full((self.P,), -1, dtype=torch.long, device=device)
@@ -329,25 +336,20 @@ class _Population:
             return [None] * self.P, [None] * self.P
         return (self.run_loss / self.run_seen).tolist(), (self.run_correct.double() / self.run_seen).tolist()
 
-    def _bview(self, v: Tensor, like: Tensor) -> Tensor:
-        return v.view(-1, *([1] * (like.dim() - 1)))
-
     def train_step(self, x: Tensor, y: Tensor, factor: float, step_index: int) -> None:
         """One optimizer step of every model on its own batch x[i], y[i] (no host sync)."""
         self.template.train()
         grads, (loss, correct) = self._grad(self.params, x, y)
-        ok = self.alive & torch.isfinite(loss)
-        for g in grads.values():
-            ok = ok & torch.isfinite(g).flatten(1).all(1)
+        g = torch.cat([grads[n].flatten(1) for n in self.names], 1)  # (P, n_params), like self.flat
+        ok = self.alive & torch.isfinite(loss) & torch.isfinite(g).all(1)
         newly = self.alive & ~ok
         self.diverged_step = torch.where(newly, torch.full_like(self.diverged_step, step_index), self.diverged_step)
         self.alive = ok
         okf = ok.to(torch.float32)
         if self.clip is not None:  # torch.nn.utils.clip_grad_norm_(foreach=False), per model
-            norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), 2, dim=1) for g in grads.values()])
+            norms = torch.stack([torch.linalg.vector_norm(grads[n].flatten(1), 2, dim=1) for n in self.names])
             total_norm = torch.linalg.vector_norm(norms, 2, dim=0)
-            coef = torch.clamp(self.clip / (total_norm + 1e-6), max=1.0)
-            grads = {n: g * self._bview(coef, g) for n, g in grads.items()}
+            g = g * torch.clamp(self.clip / (total_norm + 1e-6), max=1.0)[:, None]
         b = x.shape[1]
         self.run_loss += torch.where(ok, loss.double() * b, 0.0)
         self.run_correct += torch.where(ok, correct, 0)
@@ -355,26 +357,24 @@ class _Population:
         lr = self.lr * (factor * okf)  # frozen models: zero step on zeroed gradients: params unchanged
         self.step_count += 1
         t = self.step_count
+        p = self.flat
         with torch.no_grad():
-            for i, (name, p) in enumerate(self.params.items()):
-                g = grads[name]
-                if self.any_wd:  # torch: grad = grad.add(param, alpha=weight_decay)
-                    g = g + self._bview(self.wd, p) * p
-                g = torch.where(self._bview(ok, p), g, torch.zeros((), dtype=g.dtype, device=g.device))
-                if self.optimizer == "adam":
-                    b1, b2 = self.betas
-                    m, v = self.state["exp_avg"][i], self.state["exp_avg_sq"][i]
-                    m.lerp_(g, 1 - b1)
-                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                    bc1 = 1 - b1**t
-                    bc2_sqrt = (1 - b2**t) ** 0.5
-                    step_size = self._bview(lr / bc1, p)
-                    denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-                    p.sub_(step_size * (m / denom))
-                else:
-                    buf = self.state["momentum_buffer"][i]
-                    buf.mul_(self._bview(self.mom, p)).add_(g)
-                    p.sub_(self._bview(lr, p) * buf)
+            if self.any_wd:  # torch: grad = grad.add(param, alpha=weight_decay)
+                g = g + self.wd[:, None] * p
+            g = torch.where(ok[:, None], g, torch.zeros((), dtype=g.dtype, device=g.device))
+            if self.optimizer == "adam":  # torch.optim.Adam, single-tensor path, op for op
+                b1, b2 = self.betas
+                m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                bc1 = 1 - b1**t
+                bc2_sqrt = (1 - b2**t) ** 0.5
+                denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+                p.sub_((lr / bc1)[:, None] * (m / denom))
+            else:  # torch.optim.SGD(momentum, dampening=0, nesterov=False)
+                buf = self.state["momentum_buffer"]
+                buf.mul_(self.mom[:, None]).add_(g)
+                p.sub_(lr[:, None] * buf)
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
@@ -392,11 +392,16 @@ class _Population:
         return loss_sum / len(x), correct.double() / len(x)
 
     def states(self) -> list[dict[str, Tensor]]:
-        if self.device.type == "cpu":
-            stacked = self.params
-        else:  # one transfer per tensor, not per model
-            stacked = {n: p.detach().to("cpu", non_blocking=False) for n, p in self.params.items()}
-        return [{n: p[i] for n, p in stacked.items()} for i in range(self.P)]
+        flat = self.flat if self.device.type == "cpu" else self.flat.to("cpu")  # one transfer per epoch
+        out: list[dict[str, Tensor]] = [{} for _ in range(self.P)]
+        off = 0
+        for n, p in self.params.items():
+            k = p[0].numel()
+            block = flat[:, off:off + k].view(p.shape)
+            for i in range(self.P):
+                out[i][n] = block[i]
+            off += k
+        return out
 
 
 def _train_vectorised(arch: str, in_chans: int, num_classes: int, members: Sequence[PopulationMember],

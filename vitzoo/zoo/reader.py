@@ -170,7 +170,12 @@ class Zoo:
         """The weights of one state (default: the final one), in timm naming."""
         row = self._row(model_id, epoch)
         sd = _read_prefixed(self._file(row), row["tensor_prefix"])
-        order = self.param_order(model_id)  # safetensors stores keys sorted; hand them back in module order
+        # safetensors stores keys sorted; hand them back in module order where vitzoo can build the
+        # architecture (reading tensors must not depend on it: a newer zoo's unknown model still reads).
+        try:
+            order = self.param_order(model_id)
+        except (ValueError, RuntimeError, KeyError, ImportError):
+            return sd
         return {k: sd[k] for k in order} if set(order) == set(sd) else sd
 
     def model(self, model_id: str, epoch: int | None = None) -> nn.Module:

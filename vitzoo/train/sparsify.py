@@ -1,0 +1,381 @@
+"""Sparsified twins (Model Zoos §1): variational-dropout sparsification of a parent model.
+
+Each run of a ``sparsify:`` stage takes its parent's state (``spec.parent_id`` at
+``spec.parent_epoch``) and trains it further with sparse variational dropout (Molchanov, Ashukha &
+Vetrov 2017, "Variational Dropout Sparsifies Deep Neural Networks"), as the reference zoos did:
+
+- every ``nn.Conv2d`` / ``nn.Linear`` weight ``w`` gets a parameter ``log_sigma2`` of its shape
+  (initialised at ``sparsify.log_sigma2_init``, -10); the posterior is N(w, sigma^2) per weight;
+- training samples pre-activations with the local reparameterisation trick:
+  ``mu = op(x, w) + b``, ``var = op(x^2, sigma^2)``, ``out = mu + sqrt(var) * N(0, 1)``;
+- ``log alpha = log sigma^2 - log(w^2 + eps)``; a weight with ``log alpha >= threshold`` (3) is
+  pruned: masked to zero in evaluation and in every saved state;
+- loss per batch = cross-entropy (mean) + ``kl_weight * min(1, 0.01 * epoch / epochs) * KL / N_train``
+  with Molchanov's approximation ``-KL ~ k1 sigmoid(k2 + k3 log alpha) - 0.5 log(1 + 1/alpha) - k1``
+  (summed over all weights; N_train = training samples, i.e. the ELBO per sample).
+
+BatchNorm layers, biases and everything else train as usual (BatchNorm keeps its running stats).
+
+Saved states are plain state dicts of the *original* architecture (the parent's keys, no
+``log_sigma2``) with the pruned weights set to exactly zero, so a twin loads like any model of the
+zoo. Epoch 0 is the parent's state itself, unchanged. Every history row holds the metrics of the
+pruned network and ``sparsity_ratio``: the fraction of Conv2d/Linear weight entries that are exactly
+zero in that state (biases and norms excluded).
+
+Like :mod:`vitzoo.train.loop`: the data order is a function of ``(data_seed, epoch)``, RNGs are
+re-seeded per epoch, state (weights, ``log_sigma2``, optimizer) is saved after every epoch and a
+killed run resumes after its last finished epoch; a non-finite loss stops the run as ``diverged``
+with its last good state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitzoo.data.pipeline import EpochSampler, preprocessing_for
+from vitzoo.plan import RunSpec
+from vitzoo.recipe import StageConfig
+from vitzoo.train.loop import Built, RunContext, _bar, _schedule, _seed_everything, finish_run
+from vitzoo.zoo.writer import RunWriter
+
+#: Molchanov et al. (2017), eq. 14: the fitted approximation of -KL(q(w|theta, alpha) || log-uniform prior).
+K1, K2, K3 = 0.63576, 1.87320, 1.48695
+#: Added to w^2 inside the log of log alpha (a weight at exactly 0 has a large, finite log alpha).
+LOG_ALPHA_EPS = 1e-8
+#: Added to the local-reparameterisation variance before the square root (finite gradients at 0).
+VAR_EPS = 1e-8
+#: Training images evaluated for the per-epoch train metrics (a statistic, as in loop.py).
+TRAIN_EVAL_LIMIT = 10_000
+
+
+# --------------------------------------------------------------------------- the math
+
+
+def log_alpha(weight: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
+    """``log alpha = log sigma^2 - log(w^2 + eps)`` (elementwise)."""
+    return log_sigma2 - torch.log(weight * weight + LOG_ALPHA_EPS)
+
+
+def kl_approx(la: torch.Tensor) -> torch.Tensor:
+    """Molchanov's approximation of KL(q || log-uniform prior) per weight, from log alpha.
+
+    ``KL ~ k1 - k1 sigmoid(k2 + k3 log alpha) + 0.5 log(1 + exp(-log alpha))``: positive,
+    decreasing in alpha, and -> 0 as alpha -> inf (the constant C = -k1 of the paper).
+    """
+    return K1 - K1 * torch.sigmoid(K2 + K3 * la) + 0.5 * F.softplus(-la)
+
+
+def kl_ramp(epoch: int, epochs: int) -> float:
+    """The reference's KL ramp: ``min(1, 0.01 * epoch / epochs)`` (epoch counted from 1)."""
+    return min(1.0, 0.01 * epoch / epochs)
+
+
+class _VDMixin:
+    """Shared by the variational-dropout Conv2d/Linear (modules are re-classed in place)."""
+
+    log_sigma2: nn.Parameter
+    vd_threshold: float
+    weight: nn.Parameter
+
+    def log_alpha(self) -> torch.Tensor:
+        return log_alpha(self.weight, self.log_sigma2)
+
+    def keep_mask(self) -> torch.Tensor:
+        """1 where the weight is kept, 0 where it is pruned (log alpha >= threshold)."""
+        return (self.log_alpha() < self.vd_threshold).to(self.weight.dtype)
+
+    def kl(self) -> torch.Tensor:
+        return kl_approx(self.log_alpha()).sum()
+
+
+class VDConv2d(_VDMixin, nn.Conv2d):
+    """An ``nn.Conv2d`` with sparse variational dropout on its weight (same parameters + log_sigma2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.training:
+            mu = self._conv_forward(x, self.weight, self.bias)
+            var = self._conv_forward(x * x, torch.exp(self.log_sigma2), None)
+            return mu + torch.sqrt(var + VAR_EPS) * torch.randn_like(mu)
+        return self._conv_forward(x, self.weight * self.keep_mask(), self.bias)
+
+
+class VDLinear(_VDMixin, nn.Linear):
+    """An ``nn.Linear`` with sparse variational dropout on its weight (same parameters + log_sigma2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.training:
+            mu = F.linear(x, self.weight, self.bias)
+            var = F.linear(x * x, torch.exp(self.log_sigma2))
+            return mu + torch.sqrt(var + VAR_EPS) * torch.randn_like(mu)
+        return F.linear(x, self.weight * self.keep_mask(), self.bias)
+
+
+_VD_CLASSES: dict[type, type] = {nn.Conv2d: VDConv2d, nn.Linear: VDLinear}
+
+
+def attach_variational_dropout(net: nn.Module, log_sigma2_init: float = -10.0,
+                               threshold: float = 3.0) -> dict[str, _VDMixin]:
+    """Give every ``nn.Conv2d`` / ``nn.Linear`` of ``net`` (exact types) a ``log_sigma2``, in place.
+
+    The modules are re-classed to :class:`VDConv2d` / :class:`VDLinear`: names, weights and biases
+    are untouched, ``<module>.log_sigma2`` is added. Returns the sparsified modules by name.
+    Subclasses (e.g. torch's quantizable attention projections) are left alone.
+    """
+    out: dict[str, _VDMixin] = {}
+    for name, m in net.named_modules():
+        cls = _VD_CLASSES.get(type(m))
+        if cls is None:
+            continue
+        m.__class__ = cls
+        m.register_parameter("log_sigma2", nn.Parameter(torch.full_like(m.weight, float(log_sigma2_init))))
+        m.vd_threshold = float(threshold)
+        out[name] = m  # type: ignore[assignment]
+    if not out:
+        raise ValueError(f"{type(net).__name__} has no Conv2d/Linear layer to sparsify")
+    return out
+
+
+def total_kl(modules: dict[str, _VDMixin]) -> torch.Tensor:
+    return torch.stack([m.kl() for m in modules.values()]).sum()
+
+
+@torch.no_grad()
+def pruned_state(net: nn.Module, modules: dict[str, _VDMixin]) -> dict[str, torch.Tensor]:
+    """The network's state in the original architecture's keys, pruned weights set to exactly 0 (CPU)."""
+    sd = net.state_dict()
+    for name, m in modules.items():
+        p = f"{name}." if name else ""
+        del sd[p + "log_sigma2"]
+        sd[p + "weight"] = m.weight * m.keep_mask()
+    return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+
+
+def sparsity_ratio(state: dict[str, torch.Tensor], weight_keys: list[str]) -> float:
+    """Fraction of the entries of ``weight_keys`` (the Conv2d/Linear weights) that are exactly zero."""
+    zeros = sum(int((state[k] == 0).sum()) for k in weight_keys)
+    total = sum(state[k].numel() for k in weight_keys)
+    return zeros / max(1, total)
+
+
+# --------------------------------------------------------------------------- one twin
+
+
+def train_sparsify_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
+    """Train the sparsified twin ``spec`` into ``<zoo>/models/<run_id>``; returns its run.json content."""
+    writer = RunWriter(ctx.zoo_root, spec.run_id)
+    if writer.is_finished():
+        return json.loads((writer.folder / "run.json").read_text())
+    cfg = spec.config
+    sp = cfg.sparsify
+    if sp is None or spec.parent_id is None:
+        raise ValueError(f"{spec.run_id}: not a sparsification run (no `sparsify` section or no parent)")
+    t_start = time.time()
+    pcfg, parent_state = _parent(spec, ctx)
+    data = ctx.cache.splits(cfg.data)
+    num_classes = int(pcfg["num_classes"])
+    if data.num_classes != num_classes:
+        raise ValueError(f"{spec.run_id}: stages.{spec.stage}.data has {data.num_classes} classes but the parent "
+                         f"{spec.parent_id} has {num_classes}")
+    args = dict(pcfg.get("model_args") or {})
+    if args.get("in_chans", 3) != cfg.data.channels:
+        raise ValueError(f"stages.{spec.stage}.data.channels={cfg.data.channels} but the parent model takes "
+                         f"{args.get('in_chans')} channels")
+    img_size = int(pcfg.get("pretrained_cfg", {}).get("input_size", [0, 0, args.get("img_size", 224)])[-1])
+    pp = preprocessing_for(cfg.data, img_size)
+
+    from vitzoo.models import from_config
+
+    net = from_config(pcfg)
+    net.load_state_dict(parent_state)
+    weight_keys = [f"{n}.weight" if n else "weight" for n, m in net.named_modules() if type(m) in _VD_CLASSES]
+    modules = attach_variational_dropout(net, sp.log_sigma2_init, sp.threshold)
+    net = net.to(ctx.device)
+    vz = pcfg.get("vitzoo", {})
+    built = Built(net, lambda: pruned_state(net, modules), pcfg["architecture"], args, num_classes,
+                  int(pcfg.get("num_features", 0)), pp, pcfg.get("label_names") or data.label_names,
+                  vz.get("head", "linear"), vz.get("head_hidden"))
+
+    x_train, y_train = _on(ctx.cache.eval_tensors(cfg.data, "train", pp), ctx.device)
+    n_train = x_train.shape[0]
+    if n_train == 0:
+        raise ValueError(f"{spec.run_id}: the training split is empty")
+    drop_last = n_train >= cfg.batch_size
+    steps_per_epoch = n_train // cfg.batch_size if drop_last else 1
+    sampler = EpochSampler(n_train, spec.data_seed)
+    optimizer = _optimizer(net, cfg)
+    lr_at = _schedule(cfg, steps_per_epoch)
+    saved = set(cfg.saved_epochs())
+
+    def evaluate() -> dict[str, Any]:
+        return _evaluate(net, ctx, cfg, pp)
+
+    resume = writer.load_resume()
+    if resume is not None:
+        start_epoch, model_state, opt_state, extra = resume
+        net.load_state_dict(model_state)
+        optimizer.load_state_dict(opt_state)
+        history = writer.history()[: start_epoch + 1]
+        t_start -= extra.get("elapsed_s", 0.0)
+        ctx.log(f"{spec.run_id}: resuming after epoch {start_epoch}")
+    else:  # epoch 0: the parent's state, unchanged
+        start_epoch = 0
+        state0 = {k: v.detach().to("cpu", copy=True) for k, v in parent_state.items()}
+        net.eval()
+        with torch.no_grad():  # evaluate exactly the saved state (no mask): the parent itself
+            for m in modules.values():
+                m.vd_threshold = math.inf
+            metrics = evaluate()
+            for m in modules.values():
+                m.vd_threshold = float(sp.threshold)
+        history = [{"epoch": 0, **metrics, "lr": 0.0, "objective_loss": None, "kl": None,
+                    "sparsity_ratio": sparsity_ratio(state0, weight_keys)}]
+        writer.save_epoch(0, state0)
+        writer.save_history(history)
+        writer.save_resume(0, net.state_dict(), optimizer.state_dict(), {"elapsed_s": time.time() - t_start})
+    last_good: tuple[int, dict[str, torch.Tensor] | None] = (
+        start_epoch, built.export() if start_epoch not in saved else None)
+
+    status = "done"
+    bar = _bar(ctx, cfg.epochs * steps_per_epoch, spec.run_id, start_epoch * steps_per_epoch)
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        _seed_everything(spec.init_seed, spec.data_seed, epoch)
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(iter(sampler)), device=x_train.device)
+        kl_scale = sp.kl_weight * kl_ramp(epoch, cfg.epochs) / n_train
+        net.train()
+        total = torch.zeros((), device=ctx.device)
+        total_kl_sum = torch.zeros((), device=ctx.device)
+        seen = 0
+        diverged = False
+        for i in range(steps_per_epoch):
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size] if drop_last else order
+            x, y = x_train[idx], y_train[idx]
+            step = (epoch - 1) * steps_per_epoch + i
+            for g in optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * lr_at(step)
+            ce = F.cross_entropy(net(x), y)
+            kl = total_kl(modules)
+            loss = ce + kl_scale * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optimizer.grad_clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optimizer.grad_clip)
+            optimizer.step()
+            total += loss.detach() * y.shape[0]
+            total_kl_sum += kl.detach()
+            seen += y.shape[0]
+            if bar is not None:
+                bar.update(1)
+        objective = (total / max(1, seen)).item()  # one host sync per epoch, not per step
+        diverged = not math.isfinite(objective)
+        if not diverged:
+            metrics = evaluate()
+            diverged = any(isinstance(v, float) and not math.isfinite(v) for k, v in metrics.items()
+                           if k.endswith("loss"))
+        if diverged:
+            status = "diverged"
+            ctx.log(f"{spec.run_id}: diverged in epoch {epoch}; keeping epoch {last_good[0]}")
+            break
+        state = built.export()
+        history.append({"epoch": epoch, **metrics, "lr": optimizer.param_groups[0]["lr"], "objective_loss": objective,
+                        "kl": (total_kl_sum / steps_per_epoch).item(),
+                        "sparsity_ratio": sparsity_ratio(state, weight_keys)})
+        if epoch in saved:
+            writer.save_epoch(epoch, state)
+            last_good = (epoch, None)
+        else:
+            last_good = (epoch, state)
+        writer.save_history(history)
+        writer.save_resume(epoch, net.state_dict(), optimizer.state_dict(), {"elapsed_s": time.time() - t_start})
+        if ctx.stop_after_epoch is not None and epoch >= ctx.stop_after_epoch:
+            raise KeyboardInterrupt(f"stop_after_epoch={ctx.stop_after_epoch}")
+    if bar is not None:
+        bar.close()
+
+    final_epoch, unsaved_state = last_good
+    if unsaved_state is not None:  # a diverged run's last good state was not a checkpoint epoch
+        writer.save_epoch(final_epoch, unsaved_state)
+    return finish_run(spec, ctx, writer, built, dataset=data.name, final_epoch=final_epoch, status=status,
+                      wall_s=time.time() - t_start, precision="float32")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _parent(spec: RunSpec, ctx: RunContext) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The parent's config.json and its state at ``spec.parent_epoch`` (waiting for it if another process trains it)."""
+    from vitzoo.zoo.reader import LocalSource, read_state
+
+    assert spec.parent_id is not None
+    parent = RunWriter(ctx.zoo_root, spec.parent_id)
+    waited = 0.0
+    while not parent.is_finished():
+        if waited == 0:
+            ctx.log(f"{spec.run_id}: waiting for parent {spec.parent_id} (trained by another process)")
+        if waited > ctx.parent_wait_s:
+            raise TimeoutError(f"{spec.run_id}: parent {spec.parent_id} did not finish within {ctx.parent_wait_s} s")
+        time.sleep(2.0)
+        waited += 2.0
+    src = LocalSource(ctx.zoo_root)
+    pcfg = src.json(f"models/{spec.parent_id}/config.json")
+    pinfo = src.json(f"models/{spec.parent_id}/run.json")
+    epoch = pinfo["final_epoch"] if spec.parent_epoch in (None, "last") else int(spec.parent_epoch)
+    return pcfg, read_state(src, pinfo, epoch)
+
+
+def _on(xy: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return xy[0].to(device), xy[1].to(device)
+
+
+def _optimizer(net: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
+    """The stage's optimizer; weight decay (if any) on weights only: never on biases, norms or log_sigma2."""
+    from timm.optim import create_optimizer_v2
+
+    o = cfg.optimizer.resolved()
+    skip = set(getattr(net, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith((".bias", "log_sigma2")) or name in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": o["weight_decay"]}]
+    kwargs: dict[str, Any] = {}
+    if "momentum" in o:
+        kwargs["momentum"] = o["momentum"]
+    opt = create_optimizer_v2([g for g in groups if g["params"]], opt=o["timm"], lr=o["lr"],
+                              weight_decay=o["weight_decay"], **kwargs)
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+    return opt
+
+
+@torch.no_grad()
+def _evaluate(net: nn.Module, ctx: RunContext, cfg: StageConfig, pp) -> dict[str, Any]:
+    """Loss and top-1 of the network in eval mode (pruned weights masked) on train (capped), val, test."""
+    net.eval()
+    splits = ["train", "val"] + (["test"] if ctx.cache.splits(cfg.data).test is not None else [])
+    bs = cfg.eval_batch_size or 4 * cfg.batch_size
+    out: dict[str, Any] = {}
+    for split in splits:
+        x_all, y_all = ctx.cache.eval_tensors(cfg.data, split, pp)
+        n = min(len(y_all), TRAIN_EVAL_LIMIT) if split == "train" else len(y_all)
+        loss_sum = torch.zeros((), device=ctx.device)
+        correct = torch.zeros((), device=ctx.device, dtype=torch.long)
+        for i in range(0, n, bs):
+            x, y = x_all[i:min(i + bs, n)].to(ctx.device), y_all[i:min(i + bs, n)].to(ctx.device)
+            logits = net(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+        out[f"{split}_loss"] = loss_sum.item() / max(1, n)
+        out[f"{split}_acc"] = correct.item() / max(1, n)
+    return out
