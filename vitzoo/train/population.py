@@ -15,7 +15,8 @@ API (no dependency on recipes or the zoo writer; ``population_adapter`` maps Run
     def on_epoch(epoch, states, metrics):
         # epoch 0 is the untrained model; states[i] maps state-dict keys (module_list.0.weight...)
         # to tensors of model metrics[i]["index"] (its position in `members`). The tensors are
-        # live views: save or clone them inside the callback.
+        # live views (CPU for vectorised groups; the model's own device for one-by-one runs):
+        # save or clone them inside the callback.
         ...
 
     history = train_population("cnn-s", 1, 10, members, train_x, train_y,
@@ -51,8 +52,9 @@ Known differences (documented, tested where possible):
 - Floating point: a vmap-ed (grouped) convolution sums in a different order than a single one,
   so population and reference agree to float tolerance, not bitwise (tests/test_population.py).
 - Dropout: the population draws independent masks per model from one seeded stream
-  (``vmap(randomness="different")``); a model's masks therefore depend on its population, and the
-  reference loop draws its own (seeded per model). Both are reproducible; they are not equal.
+  (``vmap(randomness="different")``); a model's masks therefore depend on its sub-population (and
+  so on the population size chosen for the device), and the reference loop draws its own (seeded
+  per model). Both are reproducible on the same device; they are not equal to each other.
 - ResNet-18 (batchnorm, random crop + flip) is trained one by one by this module (``mode`` auto):
   running statistics under vmap need a functional batchnorm that is not written yet, and an 11M
   parameter model at batch 128-256 already fills a device far better than CNN-s at batch 10.
