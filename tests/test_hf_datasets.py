@@ -323,13 +323,11 @@ def test_generate_names_the_missing_column(hub_dataset: HubDataset, tmp_path: Pa
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="measured: `datasets` answers any Hub failure (and HF_HUB_OFFLINE=1) with the "
-                   "latest *cached* revision, logging only a warning; vitzoo does not check the commit it got")
 def test_revision_pin_is_never_silently_replaced(hub_dataset: HubDataset, tmp_path: Path) -> None:
     """A pinned commit yields that commit's data or an error, never another revision's data.
 
     The loaded split's cache directory is named after the commit it was built from
-    (``<cache>/<org>___<name>/<config>/0.0.0/<commit>/``), so vitzoo could verify a pin after loading.
+    (``<cache>/<org>___<name>/<config>/0.0.0/<commit>/``); vitzoo checks it after loading (sources._check_pin).
     """
     hub = hub_dataset.hub
     res, _ = _load(hub, tmp_path, {"v1": _hf(revision="v1")})  # the cache now holds v1 only

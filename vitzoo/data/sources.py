@@ -11,6 +11,7 @@ used for model selection.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def load_splits(cfg: DataConfig) -> SplitData:
         except (DatasetNotFoundError, FileNotFoundError, ValueError) as e:  # unknown repo, config or revision
             raise DataError(f"data.source: cannot load Hub dataset {ref!r} (config {cfg.config!r}, revision "
                             f"{cfg.revision!r}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        _check_pin(dd, cfg)
         name = ref
     elif kind == "imagefolder":
         if not Path(ref).is_dir():
@@ -74,6 +76,28 @@ def load_splits(cfg: DataConfig) -> SplitData:
     else:  # DataConfig validated the prefix
         raise DataError(f"data.source: unknown kind {kind!r}")
     return _split(dd, cfg, name)
+
+
+def loaded_commit(dd: datasets.DatasetDict) -> str | None:
+    """The Hub commit a loaded dataset was built from (its cache folder is named after it)."""
+    for split in dd.values():
+        for f in split.cache_files:
+            m = re.search(r"/([0-9a-f]{40})/", f["filename"])
+            if m:
+                return m[1]
+    return None
+
+
+def _check_pin(dd: datasets.DatasetDict, cfg: DataConfig) -> None:
+    """A pinned commit gives that commit's data or an error. `datasets` answers an unreachable Hub (or
+    HF_HUB_OFFLINE=1) with the latest *cached* revision and only logs a warning; a zoo must not
+    silently train on other data than its recipe pins."""
+    if cfg.revision and re.fullmatch(r"[0-9a-f]{40}", cfg.revision):
+        got = loaded_commit(dd)
+        if got is not None and got != cfg.revision:
+            raise DataError(f"data.revision: {cfg.source} is pinned to commit {cfg.revision[:12]}… but `datasets` "
+                            f"served cached commit {got[:12]}… (the Hub was unreachable or offline mode is on); "
+                            f"connect once to download the pinned revision")
 
 
 def _split(dd: datasets.DatasetDict, cfg: DataConfig, name: str) -> SplitData:
