@@ -234,3 +234,28 @@ def test_vit_twin_of_a_finetuned_model(tmp_path: Path) -> None:
     model = zoo.model(twin["model_id"])
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     assert zoo.state_dict(twin["model_id"])["blocks.0.attn.qkv.weight"].eq(0).any()
+
+
+def test_diverging_twin_keeps_its_last_good_state(micro_zoo: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from vitzoo.data.pipeline import DataCache
+    from vitzoo.recipe import recipe_from_dict
+    from vitzoo.train.loop import RunContext
+
+    data = yaml.safe_load(RECIPE.read_text())
+    data["stages"]["twins"]["optimizer"] = {"name": "sgd", "lr": 1e30, "momentum": 0.0, "grad_clip": None}
+    spec = expand(recipe_from_dict(data)).stage_runs("twins")[0]
+    zoo_dir = tmp_path / "zoo"
+    (zoo_dir / "models").mkdir(parents=True)
+    shutil.copytree(micro_zoo / "models" / spec.parent_id, zoo_dir / "models" / spec.parent_id)
+    ctx = RunContext(zoo_root=zoo_dir, device=torch.device("cpu"), cache=DataCache(), progress=False,
+                     log=lambda m: None)
+    info = train_sparsify_run(spec, ctx)
+    assert info["status"] == "diverged" and info["final_epoch"] == 0
+    assert [s["epoch"] for s in info["states"]] == [0]
+    from vitzoo.zoo.reader import LocalSource, read_state
+
+    final = read_state(LocalSource(zoo_dir), info, 0)
+    parent = vitzoo.load(micro_zoo).state_dict(spec.parent_id)
+    assert all(torch.equal(final[k], parent[k]) for k in parent)

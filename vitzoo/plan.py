@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from vitzoo.recipe import Recipe, RecipeError, StageConfig, apply_axes
+from vitzoo.recipe import Recipe, RecipeError, StageConfig, apply_axes, axis_path
 
 
 @dataclass(frozen=True)
@@ -112,12 +112,23 @@ def _expand(recipe: Recipe) -> Plan:
                 pid = parent.run_id if parent else None
                 pep = stage.parent.parent_epoch if stage.parent else None
                 rid = run_id(stage.name, cfg, seed, data_seed, pid, pep)
-                plan.runs.append(RunSpec(rid, stage.name, cfg, dict(pt), seed, data_seed, pid, pep, rep))
+                plan.runs.append(RunSpec(rid, stage.name, cfg, _factors(pt, cfg), seed, data_seed, pid, pep, rep))
     dupes = [k for k, n in Counter(r.run_id for r in plan.runs).items() if n > 1]
     if dupes:  # identical configs: two grid values that resolve to the same setting
         raise RecipeError(f"runs {dupes[:3]} appear more than once: two grid values resolve to the same setting "
                           f"(e.g. 1e-3 and '1e-3'); each value of an axis must differ")
     return plan
+
+
+def _factors(point: dict[str, Any], cfg: StageConfig) -> dict[str, Any]:
+    """The grid values as validated (``"1e-3"`` → 0.001); a preset name stays the name (``aug: light``)."""
+    out = {}
+    for key, raw in point.items():
+        value: Any = cfg
+        for part in axis_path(key).split("."):
+            value = getattr(value, part)
+        out[key] = raw if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def grid_points(stage: StageConfig) -> list[dict[str, Any]]:
