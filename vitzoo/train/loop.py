@@ -109,17 +109,15 @@ def train_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
         _seed_everything(spec.init_seed, spec.data_seed, epoch)
         sampler.set_epoch(epoch)
         net.train()
-        total, n = 0.0, 0
-        diverged = False
+        # The loss sum stays on the device: no host sync per step. A non-finite loss poisons the sum, so
+        # divergence is caught at the end of the epoch, and the epoch's state is discarded then.
+        total, n = torch.zeros((), device=ctx.device), 0
         for i, batch in enumerate(loader):
             step = (epoch - 1) * steps_per_epoch + i
             for g in optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * lr_at(step)
             with torch.autocast(ctx.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss = _loss(net, batch, ctx.device, simclr, cfg, mixup, criterion)
-            if not torch.isfinite(loss):
-                diverged = True
-                break
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.optimizer.grad_clip:
@@ -127,10 +125,12 @@ def train_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optimizer.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            total += loss.item() * _batch_len(batch)
+            total += loss.detach().float() * _batch_len(batch)
             n += _batch_len(batch)
             if bar is not None:
                 bar.update(1)
+        objective_loss = total.item() / max(1, n)
+        diverged = not math.isfinite(objective_loss)
         if not diverged:
             metrics = _evaluate(net, built, cfg, ctx, simclr)
             diverged = any(isinstance(v, float) and not math.isfinite(v) for k, v in metrics.items()
@@ -140,7 +140,7 @@ def train_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
             ctx.log(f"{spec.run_id}: diverged in epoch {epoch}; keeping epoch {last_good[0]}")
             break
         history.append({"epoch": epoch, **metrics, "lr": optimizer.param_groups[0]["lr"],
-                        "objective_loss": total / max(1, n)})
+                        "objective_loss": objective_loss})
         if epoch in saved:
             writer.save_epoch(epoch, built.export())
             last_good = (epoch, None)
