@@ -321,7 +321,7 @@ def model_card(zoo_dir: str | Path, model_id: str, *, repo_id: str | None = None
 
 def render_zoo_cards(zoo_dir: str | Path, *, repo_id: str | None = None, template: str | Path | None = None,
                      model_template: str | Path | None = None, models: bool = True, plots: bool = True,
-                     license: str | None = None) -> list[Path]:
+                     license: str | None = None, model_plots: bool | None = None) -> list[Path]:
     """(Re)write README.md and every indexed model's README.md from the index; returns the paths written.
 
     Call from process 0 only (zoo-level files have one writer). Models not in the index (still
@@ -335,7 +335,8 @@ def render_zoo_cards(zoo_dir: str | Path, *, repo_id: str | None = None, templat
                                        facts=facts)))]
     if models:
         for model_id in dict.fromkeys(facts.index["model_id"]):
-            card = model_card(zoo_dir, model_id, repo_id=repo_id, template=model_template, plot=plots,
+            card = model_card(zoo_dir, model_id, repo_id=repo_id, template=model_template,
+                              plot=plots if model_plots is None else model_plots,
                               license=license, facts=facts)
             written.append(write_text(facts.root / "models" / model_id / "README.md", str(card)))
     return written
