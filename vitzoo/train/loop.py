@@ -218,12 +218,15 @@ def _build_cnn(spec: RunSpec, num_classes: int, label_names: list[str]) -> Built
                  "linear", None)
 
 
-def _build_finetune(spec: RunSpec, ctx: RunContext, num_classes: int, label_names: list[str]) -> Built:
+def load_parent(spec: RunSpec, ctx: RunContext) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The parent's config.json and its state at ``spec.parent_epoch`` ("last" = its final, last good state).
+
+    Waits while another process still trains the parent (stages are separated by a barrier, so this
+    only matters when processes run unevenly or a zoo is resumed with a different process count).
+    """
     from vitzoo.zoo.reader import LocalSource, read_state
 
-    cfg = spec.config
-    ft = cfg.finetune
-    assert ft is not None and spec.parent_id is not None
+    assert spec.parent_id is not None
     parent = RunWriter(ctx.zoo_root, spec.parent_id)
     waited = 0.0
     while not parent.is_finished():
@@ -237,7 +240,14 @@ def _build_finetune(spec: RunSpec, ctx: RunContext, num_classes: int, label_name
     pcfg = src.json(f"models/{spec.parent_id}/config.json")
     pinfo = src.json(f"models/{spec.parent_id}/run.json")
     epoch = pinfo["final_epoch"] if spec.parent_epoch in (None, "last") else int(spec.parent_epoch)
-    state = read_state(src, pinfo, epoch)
+    return pcfg, read_state(src, pinfo, epoch)
+
+
+def _build_finetune(spec: RunSpec, ctx: RunContext, num_classes: int, label_names: list[str]) -> Built:
+    cfg = spec.config
+    ft = cfg.finetune
+    assert ft is not None
+    pcfg, state = load_parent(spec, ctx)
     args = dict(pcfg["model_args"])
     if args.get("in_chans", 3) != cfg.data.channels:
         raise ValueError(f"stages.{spec.stage}.data.channels={cfg.data.channels} but the parent model takes "

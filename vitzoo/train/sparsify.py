@@ -42,7 +42,7 @@ from torch import nn
 from vitzoo.data.pipeline import EpochSampler, preprocessing_for
 from vitzoo.plan import RunSpec
 from vitzoo.recipe import StageConfig
-from vitzoo.train.loop import Built, RunContext, _bar, _schedule, _seed_everything, finish_run
+from vitzoo.train.loop import Built, RunContext, _bar, _schedule, _seed_everything, finish_run, load_parent
 from vitzoo.zoo.writer import RunWriter
 
 #: Molchanov et al. (2017), eq. 14: the fitted approximation of -KL(q(w|theta, alpha) || log-uniform prior).
@@ -177,7 +177,7 @@ def train_sparsify_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     if sp is None or spec.parent_id is None:
         raise ValueError(f"{spec.run_id}: not a sparsification run (no `sparsify` section or no parent)")
     t_start = time.time()
-    pcfg, parent_state = _parent(spec, ctx)
+    pcfg, parent_state = load_parent(spec, ctx)
     data = ctx.cache.splits(cfg.data)
     num_classes = int(pcfg["num_classes"])
     if data.num_classes != num_classes:
@@ -307,27 +307,6 @@ def train_sparsify_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _parent(spec: RunSpec, ctx: RunContext) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The parent's config.json and its state at ``spec.parent_epoch`` (waiting for it if another process trains it)."""
-    from vitzoo.zoo.reader import LocalSource, read_state
-
-    assert spec.parent_id is not None
-    parent = RunWriter(ctx.zoo_root, spec.parent_id)
-    waited = 0.0
-    while not parent.is_finished():
-        if waited == 0:
-            ctx.log(f"{spec.run_id}: waiting for parent {spec.parent_id} (trained by another process)")
-        if waited > ctx.parent_wait_s:
-            raise TimeoutError(f"{spec.run_id}: parent {spec.parent_id} did not finish within {ctx.parent_wait_s} s")
-        time.sleep(2.0)
-        waited += 2.0
-    src = LocalSource(ctx.zoo_root)
-    pcfg = src.json(f"models/{spec.parent_id}/config.json")
-    pinfo = src.json(f"models/{spec.parent_id}/run.json")
-    epoch = pinfo["final_epoch"] if spec.parent_epoch in (None, "last") else int(spec.parent_epoch)
-    return pcfg, read_state(src, pinfo, epoch)
 
 
 def _on(xy: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
