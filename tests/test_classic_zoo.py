@@ -10,16 +10,16 @@ import vitzoo
 from vitzoo.models.cnn import build_cnn
 from vitzoo.plan import expand
 from vitzoo.recipe import load_recipe
-from vitzoo.train.classic import member, population_ready
 from vitzoo.train.generate import generate
 from vitzoo.train.population import train_one_by_one
+from vitzoo.train.population_adapter import member_from_run, unsupported
 
 RECIPE = Path(__file__).parent / "classic_micro.yaml"
 
 
 def test_micro_mnist_seed_zoo(tmp_path: Path) -> None:
     recipe = load_recipe(RECIPE)
-    assert population_ready(recipe.stages[0])
+    assert not any(unsupported(r) for r in expand(recipe).runs), "the micro seed zoo is population-trained"
     generate(RECIPE, tmp_path / "zoo", progress=False, log=lambda m: None)
     zoo = vitzoo.load(tmp_path / "zoo")
     assert len(zoo) == 16 and len(zoo.index) == 16 * 3  # epochs 0, 1, 2 of every model
@@ -57,7 +57,7 @@ def test_population_states_match_one_by_one_training(tmp_path: Path) -> None:
             for s, m in zip(states, metrics):
                 finals[m["index"]] = {k: v.clone() for k, v in s.items()}
 
-    train_one_by_one("cnn-s", 1, 10, [member(r) for r in runs], x, y, evals={}, epochs=cfg.epochs,
+    train_one_by_one("cnn-s", 1, 10, [member_from_run(r) for r in runs], x, y, evals={}, epochs=cfg.epochs,
                      batch_size=cfg.batch_size, on_epoch=keep)
     for i, r in enumerate(runs):
         stored = zoo.state_dict(r.run_id)

@@ -10,14 +10,14 @@ import torch
 from vitzoo import presets
 from vitzoo.models import vit
 from vitzoo.recipe import ModelConfig, OptimizerConfig, ScheduleConfig, StageConfig
-from vitzoo.train.loop import _optimizer, _schedule
+from vitzoo.train.loop import lr_schedule, make_optimizer
 
 
 @pytest.mark.parametrize("name", list(presets.OPTIMIZERS))
 def test_every_optimizer_preset_builds_and_steps(name: str) -> None:
     arch, args = vit.vit_args(ModelConfig(variant="micro", img_size=16), 3)
     net = vit.create(arch, args, 4, seed=0)
-    opt = _optimizer(net, StageConfig(model=ModelConfig(variant="micro"), optimizer=OptimizerConfig(name=name)))
+    opt = make_optimizer(net, StageConfig(model=ModelConfig(variant="micro"), optimizer=OptimizerConfig(name=name)))
     assert opt.param_groups[0]["initial_lr"] == presets.OPTIMIZERS[name]["lr"]
     before = net.head.weight.detach().clone()
     net(torch.randn(4, 3, 16, 16)).sum().backward()
@@ -31,7 +31,7 @@ def test_every_optimizer_preset_builds_and_steps(name: str) -> None:
 def _lr(name: str, warmup: str, epochs: int = 10, steps: int = 10, floor: float = 0.0):
     st = StageConfig(model=ModelConfig(variant="micro"), epochs=epochs,
                      schedule=ScheduleConfig(name=name, warmup=warmup, min_lr_ratio=floor))
-    return _schedule(st, steps)
+    return lr_schedule(st, steps)
 
 
 def test_warmup_cosine() -> None:

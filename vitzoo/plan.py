@@ -145,20 +145,33 @@ def _seeds(stage: StageConfig, recipe_seed: int, point_index: int) -> list[int]:
     return list(stage.seeds.init)
 
 
-def populations(runs: list[RunSpec]) -> list[list[RunSpec]]:
-    """Group runs that can be trained together: same stage, architecture, data, shapes and duration.
+def population_key(run: RunSpec) -> str:
+    """What runs trained together must share: architecture shape, data, duration, schedule, augmentation.
 
-    The population engine (vitzoo.train.population) trains a group vectorised; the per-run loop
-    trains group members one by one. Grouping is pure data so that `vitzoo plan` can show it.
+    Seeds, optimizer hyperparameters, activation, dropout and init vary within a population (the
+    engine sub-groups by activation/dropout/optimizer itself; init only matters when building).
+    """
+    c = run.config
+    model = dataclasses.asdict(c.model) if c.model else None
+    if model is not None:
+        for k in ("activation", "dropout", "init"):
+            model.pop(k, None)
+    return canonical_json([
+        run.stage, model, dataclasses.asdict(c.data), c.epochs, c.batch_size, dataclasses.asdict(c.schedule),
+        dataclasses.asdict(c.aug), c.precision, c.objective.name, c.eval_batch_size,
+        dataclasses.asdict(c.parent) if c.parent else None,
+    ])
+
+
+def populations(runs: list[RunSpec]) -> list[list[RunSpec]]:
+    """Runs grouped by :func:`population_key`, in first-appearance order (stable for sharding).
+
+    Pure data, so that `vitzoo plan` shows the groups the population engine
+    (vitzoo.train.classic) will train.
     """
     groups: dict[str, list[RunSpec]] = {}
     for r in runs:
-        c = r.config
-        key = canonical_json([
-            r.stage, dataclasses.asdict(c.model) if c.model else None, dataclasses.asdict(c.data), c.epochs,
-            c.batch_size, c.objective.name, c.aug.level, dataclasses.asdict(c.parent) if c.parent else None,
-        ])
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(population_key(r), []).append(r)
     return list(groups.values())
 
 

@@ -1,11 +1,11 @@
 """Classic CNN zoo stages trained as populations, written into the same model folders as any run.
 
-`generate` hands each population group (runs that share architecture, data, duration and batch
-size: :func:`vitzoo.plan.populations`) of a CNN stage to :func:`train_group`. It puts the data on
-the device once, maps every run to a :class:`~vitzoo.train.population.PopulationMember` (own seeds,
-optimizer, lr, weight decay, momentum, activation, dropout, init), and trains them with
-:func:`~vitzoo.train.population.train_population`, which vectorises where that is faster and falls
-back to one-by-one where it is not. Each epoch's states go through the run's own
+`generate` hands the runs of a CNN stage to :func:`train_stage`. Runs the population engine can
+reproduce exactly (:func:`~vitzoo.train.population_adapter.unsupported` is empty) are grouped by
+:func:`~vitzoo.train.population_adapter.split_runs` (same architecture shape, data, duration,
+schedule) and each group is trained by :func:`~vitzoo.train.population.train_population`, which
+vectorises where that is faster and falls back to one-by-one where it is not; any other run (say a
+Lion optimizer axis) goes through the per-run loop. Each epoch's states go through the run's own
 :class:`~vitzoo.zoo.writer.RunWriter`, so a CNN zoo is indistinguishable on disk from one trained
 run by run, and loads with ``vitzoo.load`` like a ViT zoo.
 
@@ -18,38 +18,29 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from vitzoo.data.pipeline import preprocessing_for
 from vitzoo.models import cnn_model_args
+from vitzoo.models.cnn import build_cnn
 from vitzoo.plan import RunSpec
-from vitzoo.recipe import StageConfig
-from vitzoo.train.loop import Built, RunContext, _schedule, finish_run
-from vitzoo.train.population import PopulationMember, train_population
+from vitzoo.train.loop import Built, RunContext, finish_run, train_run
+from vitzoo.train.population import train_population
+from vitzoo.train.population_adapter import engine_kwargs, member_from_run, split_runs, unsupported
 from vitzoo.zoo.writer import RunWriter
 
-#: Our optimizer presets that the population engine implements (torch.optim.Adam / momentum SGD).
-_ENGINE_OPTIMIZERS = {"adam": "adam", "sgd": "sgd"}
 
-
-def population_ready(stage: StageConfig) -> bool:
-    """True when a stage's runs can go through the population engine instead of the per-run loop."""
-    m = stage.model
-    return (m is not None and not m.is_vit and stage.parent is None and stage.objective.name == "supervised"
-            and stage.optimizer.name in _ENGINE_OPTIMIZERS and not stage.aug.rand_augment and not stage.aug.re_prob
-            and not stage.aug.mixup and not stage.aug.cutmix and not stage.aug.label_smoothing)
-
-
-def member(spec: RunSpec) -> PopulationMember:
-    c = spec.config
-    o = c.optimizer.resolved()
-    m = c.model
-    assert m is not None
-    return PopulationMember(init_seed=spec.init_seed, data_seed=spec.data_seed, optimizer=_ENGINE_OPTIMIZERS[c.optimizer.name],
-                            lr=o["lr"], weight_decay=o["weight_decay"], momentum=o.get("momentum", 0.9),
-                            activation=m.activation, dropout=m.dropout, init=m.init, grad_clip=c.optimizer.grad_clip)
+def train_stage(runs: list[RunSpec], ctx: RunContext) -> Iterator[dict[str, Any]]:
+    """Train a CNN stage's runs (this process's shard); yields each finished run's run.json content."""
+    engine = [r for r in runs if not unsupported(r)]
+    for group in split_runs(engine):
+        yield from train_group(group, ctx)
+    for spec in runs:
+        if unsupported(spec):
+            yield train_run(spec, ctx)
 
 
 def train_group(runs: list[RunSpec], ctx: RunContext) -> list[dict[str, Any]]:
@@ -98,21 +89,18 @@ def train_group(runs: list[RunSpec], ctx: RunContext) -> list[dict[str, Any]]:
                 last_good[i] = (epoch, cpu)
             writers[i].save_history(histories[i])
 
-    lr_at = _schedule(cfg, math.ceil(len(train_y) / cfg.batch_size))
-    augment = "crop_flip" if (cfg.aug.scale or cfg.aug.hflip) else None
-    train_population(model.variant, cfg.data.channels, data.num_classes, [member(r) for r in pending], train_x,
-                     train_y, evals=evals, epochs=cfg.epochs, batch_size=cfg.batch_size, device=ctx.device,
-                     on_epoch=on_epoch, schedule=lambda step, total: lr_at(step), augment=augment)
+    steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)  # the engine keeps the last, smaller batch
+    train_population(members=[member_from_run(r) for r in pending], num_classes=data.num_classes, train_x=train_x,
+                     train_y=train_y, evals=evals, device=ctx.device, on_epoch=on_epoch,
+                     **engine_kwargs(pending[0], steps_per_epoch))
     wall = (time.time() - t0) / len(pending)  # the group's time, shared equally: what one model cost
     infos = []
     for i, spec in enumerate(pending):
         epoch, unsaved = last_good[i]
         if unsaved is not None:
             writers[i].save_epoch(epoch, unsaved)
-        args = cnn_model_args(cfg.data.channels, spec.config.model.activation, spec.config.model.dropout,
-                              spec.config.model.init)
-        from vitzoo.models.cnn import build_cnn
-
+        m = spec.config.model
+        args = cnn_model_args(cfg.data.channels, m.activation, m.dropout, m.init)
         net = build_cnn(model.variant, num_classes=data.num_classes, seed=spec.init_seed, **args)
         built = Built(net, lambda n=net: n.state_dict(), f"vitzoo/{model.variant}", args, data.num_classes, 0, pp,
                       data.label_names, "linear", None)

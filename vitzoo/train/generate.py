@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from vitzoo.errors import VitzooError
-from vitzoo.plan import Plan, canonical_json, expand, populations, shard
+from vitzoo.plan import Plan, canonical_json, expand, shard
 from vitzoo.recipe import Recipe, RecipeError, load_recipe
 from vitzoo.zoo.index import write_index
 from vitzoo.zoo.io import FORMAT_VERSION, discard_temp_files, write_json, write_text
@@ -121,7 +121,7 @@ def _preflight(plan: Plan, cache, recipe: Recipe) -> None:
 def _train_all(recipe, plan, out, state, cache, progress, max_runs, log, stop_after_epoch, t0) -> dict[str, Any]:
     import torch
 
-    from vitzoo.train.classic import population_ready, train_group
+    from vitzoo.train.classic import train_stage
     from vitzoo.train.loop import RunContext, train_run
 
     ctx = RunContext(zoo_root=out, device=state.device, cache=cache, progress=progress and state.is_main_process,
@@ -142,12 +142,11 @@ def _train_all(recipe, plan, out, state, cache, progress, max_runs, log, stop_af
                 ctx.log(_summary(train_sparsify_run(spec, ctx)))
                 if bar is not None:
                     bar.update(1)
-        elif population_ready(stage):  # classic CNN stages: groups of runs trained together
-            for group in populations(mine):
-                for info in train_group(group, ctx):
-                    ctx.log(_summary(info))
+        elif stage.model is not None and not stage.model.is_vit:  # classic CNN stages: populations
+            for info in train_stage(mine, ctx):
+                ctx.log(_summary(info))
                 if bar is not None:
-                    bar.update(len(group))
+                    bar.update(1)
         else:
             for spec in mine:
                 info = train_run(spec, ctx)

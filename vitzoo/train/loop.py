@@ -79,8 +79,8 @@ def train_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"{spec.run_id}: the training split is empty")
-    optimizer = _optimizer(net, cfg)
-    lr_at = _schedule(cfg, steps_per_epoch)
+    optimizer = make_optimizer(net, cfg)
+    lr_at = lr_schedule(cfg, steps_per_epoch)
     mixup, criterion = _supervised_loss(cfg, data.num_classes)
     amp_dtype = _amp_dtype(cfg.precision, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
@@ -104,9 +104,9 @@ def train_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     last_good = (start_epoch, built.export() if start_epoch not in saved else None)
 
     status = "done"
-    bar = _bar(ctx, cfg.epochs * steps_per_epoch, spec.run_id, start_epoch * steps_per_epoch)
+    bar = progress_bar(ctx, cfg.epochs * steps_per_epoch, spec.run_id, start_epoch * steps_per_epoch)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        _seed_everything(spec.init_seed, spec.data_seed, epoch)
+        seed_everything(spec.init_seed, spec.data_seed, epoch)
         sampler.set_epoch(epoch)
         net.train()
         # The loss sum stays on the device: no host sync per step. A non-finite loss poisons the sum, so
@@ -294,20 +294,24 @@ def _cpu_state(m: nn.Module) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------- optimisation
 
 
-def _optimizer(net: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
+def make_optimizer(net: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
+    """timm's optimizer for the stage. ViTs follow timm's practice (no weight decay on biases and norms);
+    the classic CNN zoos decay every parameter, as the reference code and the population engine do."""
     from timm.optim import create_optimizer_v2
 
     o = cfg.optimizer.resolved()
     kwargs: dict[str, Any] = {}
     if "momentum" in o:
         kwargs["momentum"] = o["momentum"]
-    opt = create_optimizer_v2(net, opt=o["timm"], lr=o["lr"], weight_decay=o["weight_decay"], **kwargs)
+    vit_like = cfg.model is None or cfg.model.is_vit
+    opt = create_optimizer_v2(net, opt=o["timm"], lr=o["lr"], weight_decay=o["weight_decay"],
+                              filter_bias_and_bn=vit_like, **kwargs)
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
     return opt
 
 
-def _schedule(cfg: StageConfig, steps_per_epoch: int) -> Callable[[int], float]:
+def lr_schedule(cfg: StageConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """LR multiplier as a pure function of the optimizer step (no scheduler state to resume)."""
     total = cfg.epochs * steps_per_epoch
     value, unit = parse_duration(cfg.schedule.warmup)
@@ -383,7 +387,7 @@ def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cuda" and is_bf16_available() else None
 
 
-def _seed_everything(init_seed: int, data_seed: int, epoch: int) -> None:
+def seed_everything(init_seed: int, data_seed: int, epoch: int) -> None:
     s = (init_seed * 1_000_003 + data_seed * 10_007 + epoch) % (2**31 - 1)
     random.seed(s)
     np.random.seed(s)
@@ -453,7 +457,7 @@ def _features(backbone, ctx, cfg, split, pp, bs, limit=None):
     return torch.cat(fs), torch.cat(ys)
 
 
-def _bar(ctx: RunContext, total: int, desc: str, initial: int):
+def progress_bar(ctx: RunContext, total: int, desc: str, initial: int):
     if not ctx.progress:
         return None
     from tqdm.auto import tqdm

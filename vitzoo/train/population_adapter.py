@@ -18,11 +18,10 @@ the engine sub-groups by activation/dropout/optimizer itself, and init only matt
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from vitzoo.plan import RunSpec, canonical_json
+from vitzoo.plan import RunSpec, population_key, populations
 from vitzoo.train.population import PopulationMember, lr_factor
 
 #: Optimizer names of the recipes the engine implements, and its name for them.
@@ -41,8 +40,8 @@ def unsupported(run: RunSpec) -> list[str]:
     out = []
     if c.model is None or c.model.variant not in ARCHS:
         out.append(f"model {c.model.variant if c.model else None!r} is not one of {', '.join(ARCHS)}")
-    if c.finetune is not None:
-        out.append("fine-tuning stages are not population-trained")
+    if c.parent is not None:
+        out.append("fine-tuning and sparsification stages are not population-trained")
     if c.objective.name != "supervised":
         out.append(f"objective {c.objective.name!r} (only supervised cross-entropy)")
     if c.optimizer.name not in OPTIMIZERS:
@@ -72,37 +71,21 @@ def member_from_run(run: RunSpec) -> PopulationMember:
     )
 
 
-def group_key(run: RunSpec) -> str:
-    """What members of one population must share: architecture shape, data, duration, schedule."""
-    c = run.config
-    model = dataclasses.asdict(c.model) if c.model else None
-    if model is not None:
-        for k in ("activation", "dropout", "init"):  # per-member (engine sub-groups as needed)
-            model.pop(k, None)
-    return canonical_json([
-        run.stage, model, dataclasses.asdict(c.data), c.epochs, c.batch_size, dataclasses.asdict(c.schedule),
-        dataclasses.asdict(c.aug), c.precision, c.objective.name, c.eval_batch_size,
-    ])
-
-
-def split_runs(runs: Sequence[RunSpec]) -> list[list[RunSpec]]:
-    """Runs grouped by :func:`group_key`, in first-appearance order (stable for sharding)."""
-    groups: dict[str, list[RunSpec]] = {}
-    for r in runs:
-        groups.setdefault(group_key(r), []).append(r)
-    return list(groups.values())
+#: The grouping is the plan's (pure, shown by `vitzoo plan`).
+group_key = population_key
+split_runs = populations
 
 
 def schedule_for(run: RunSpec, steps_per_epoch: int) -> Callable[[int, int], float]:
     """The run's lr multiplier per optimizer step, identical to what the per-run loop uses.
 
-    Uses ``vitzoo.train.loop._schedule`` (warmup, min_lr_ratio, onecycle) when it is importable
+    Uses ``vitzoo.train.loop.lr_schedule`` (warmup, min_lr_ratio, onecycle) when it is importable
     so both paths share one definition; otherwise the engine's own ``lr_factor`` by name.
     """
     try:
-        from vitzoo.train.loop import _schedule
+        from vitzoo.train.loop import lr_schedule
 
-        lr_at = _schedule(run.config, steps_per_epoch)
+        lr_at = lr_schedule(run.config, steps_per_epoch)
         return lambda step, _total: lr_at(step)
     except ImportError:  # pragma: no cover - loop.py is part of the package
         name = run.config.schedule.name

@@ -42,7 +42,7 @@ from torch import nn
 from vitzoo.data.pipeline import EpochSampler, preprocessing_for
 from vitzoo.plan import RunSpec
 from vitzoo.recipe import StageConfig
-from vitzoo.train.loop import Built, RunContext, _bar, _schedule, _seed_everything, finish_run, load_parent
+from vitzoo.train.loop import Built, RunContext, finish_run, load_parent, lr_schedule, progress_bar, seed_everything
 from vitzoo.zoo.writer import RunWriter
 
 #: Molchanov et al. (2017), eq. 14: the fitted approximation of -KL(q(w|theta, alpha) || log-uniform prior).
@@ -210,7 +210,7 @@ def train_sparsify_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     steps_per_epoch = n_train // cfg.batch_size if drop_last else 1
     sampler = EpochSampler(n_train, spec.data_seed)
     optimizer = _optimizer(net, cfg)
-    lr_at = _schedule(cfg, steps_per_epoch)
+    lr_at = lr_schedule(cfg, steps_per_epoch)
     saved = set(cfg.saved_epochs())
 
     def evaluate() -> dict[str, Any]:
@@ -243,9 +243,9 @@ def train_sparsify_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
         start_epoch, built.export() if start_epoch not in saved else None)
 
     status = "done"
-    bar = _bar(ctx, cfg.epochs * steps_per_epoch, spec.run_id, start_epoch * steps_per_epoch)
+    bar = progress_bar(ctx, cfg.epochs * steps_per_epoch, spec.run_id, start_epoch * steps_per_epoch)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        _seed_everything(spec.init_seed, spec.data_seed, epoch)
+        seed_everything(spec.init_seed, spec.data_seed, epoch)
         sampler.set_epoch(epoch)
         order = torch.tensor(list(iter(sampler)), device=x_train.device)
         kl_scale = sp.kl_weight * kl_ramp(epoch, cfg.epochs) / n_train
