@@ -249,3 +249,17 @@ def test_cli_plan_info_and_errors(tiny_zoo: Path, tiny_recipe: Path, tmp_path: P
     assert not (tmp_path / "z").exists()
     res = run("info", str(tmp_path / "nothing"))
     assert res.returncode == 2 and "no such zoo folder" in res.stderr
+
+
+def test_truncated_scratch_state_restarts_the_run(tmp_path: Path) -> None:
+    """Scratch files are written without fsync: after an OS crash one may be truncated; the run restarts."""
+    recipe = _small_recipe(tmp_path, epochs=2)
+    out = tmp_path / "crash"
+    with pytest.raises(KeyboardInterrupt):
+        generate(recipe, out, progress=False, log=lambda m: None, stop_after_epoch=1)
+    pid = expand(load_recipe(recipe)).runs[0].run_id
+    (out / "models" / pid / ".partial" / "epoch_0001.safetensors").write_bytes(b"\0" * 10)
+    logs: list[str] = []
+    generate(recipe, out, progress=False, log=logs.append)
+    assert any("unreadable partial state" in m for m in logs)
+    assert len(vitzoo.load(out)) == 2

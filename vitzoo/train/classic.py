@@ -16,7 +16,6 @@ Resume granularity is the group: a group interrupted mid-way is retrained from e
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -62,7 +61,7 @@ def train_group(runs: list[RunSpec], ctx: RunContext) -> list[dict[str, Any]]:
     evals["train"] = (train_x[:10_000], train_y[:10_000])
     writers = [RunWriter(ctx.zoo_root, r.run_id) for r in pending]
     for w in writers:  # a group restarts from epoch 0: drop what an interrupted attempt left
-        shutil.rmtree(w.partial, ignore_errors=True)
+        w.reset()
         w.discard_temp_files()
     saved = set(cfg.saved_epochs())
     histories: list[list[dict[str, Any]]] = [[] for _ in pending]

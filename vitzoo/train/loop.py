@@ -87,7 +87,12 @@ def train_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     saved = set(cfg.saved_epochs())
 
     history: list[dict[str, Any]] = []
-    resume = writer.load_resume()
+    try:
+        resume = writer.load_resume()
+    except Exception as e:  # noqa: BLE001 - truncated scratch after an OS crash: start the run again
+        ctx.log(f"{spec.run_id}: unreadable partial state ({type(e).__name__}); restarting from epoch 0")
+        writer.reset()
+        resume = None
     if resume is not None:
         start_epoch, model_state, opt_state, extra = resume
         net.load_state_dict(model_state)

@@ -11,9 +11,7 @@ the engine cannot reproduce exactly, so the caller can fall back to the per-run 
         members = [member_from_run(r) for r in group]
         train_population(**engine_kwargs(group[0], steps_per_epoch), members=members, ...)
 
-The grouping key is finer than :func:`vitzoo.plan.populations` in one way (the schedule, which
-must be shared) and coarser in another (activation, dropout and init do not split a group here:
-the engine sub-groups by activation/dropout/optimizer itself, and init only matters at build time).
+Groups are :func:`vitzoo.plan.populations` (one pure definition, also shown by `vitzoo plan`).
 """
 
 from __future__ import annotations

@@ -60,10 +60,10 @@ class RunWriter:
     # ---------------------------------------------------------------- while training
     def save_epoch(self, epoch: int, state: dict[str, torch.Tensor]) -> None:
         """Save the (exported, timm-named) model state of a checkpoint epoch."""
-        save_safetensors(self.partial / f"epoch_{epoch:04d}.safetensors", state)
+        save_safetensors(self.partial / f"epoch_{epoch:04d}.safetensors", state, durable=False)
 
     def save_history(self, history: list[dict[str, Any]]) -> None:
-        write_json(self.partial / "history.json", history)
+        write_json(self.partial / "history.json", history, durable=False)
 
     def save_resume(self, epoch: int, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
                     extra: dict[str, Any]) -> None:
@@ -72,12 +72,22 @@ class RunWriter:
         opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
         tensors.update(opt_tensors)
         meta = {"epoch": str(epoch), "optimizer": json.dumps(opt_meta), "extra": json.dumps(extra)}
-        save_safetensors(self.partial / "resume.safetensors", tensors, metadata=meta)
+        save_safetensors(self.partial / "resume.safetensors", tensors, metadata=meta, durable=False)
+
+    def reset(self) -> None:
+        """Drop the scratch state of an unfinished run (it restarts from epoch 0)."""
+        shutil.rmtree(self.partial, ignore_errors=True)
 
     def load_resume(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any], dict[str, Any]] | None:
+        """The state to continue from, or None. Raises if the scratch files are unreadable (the caller
+        then resets): they are written without fsync, so an OS crash can truncate them."""
         p = self.partial / "resume.safetensors"
         if not p.is_file():
             return None
+        for e in self.saved_epochs():  # every saved epoch must still be readable at finalize
+            with safetensors.safe_open(str(self.partial / f"epoch_{e:04d}.safetensors"), "pt"):
+                pass
+        json.loads((self.partial / "history.json").read_text())
         with safetensors.safe_open(str(p), "pt") as f:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
