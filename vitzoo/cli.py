@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from vitzoo.errors import VitzooError
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads OpenMP: spinning worker threads make CPU training ~2.5x slower whenever other
+    # processes share the cores (measured with the micro ViT: 0.152 vs 0.063 s/step), for ~no gain alone.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
