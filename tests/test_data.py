@@ -58,3 +58,19 @@ def test_builtins_are_offline_and_deterministic() -> None:
     b = load_splits(DataConfig(source="builtin:shapes"))
     assert a.num_classes == 6 and len(a.test) == 300
     assert np.array_equal(np.asarray(a.train[0]["image"]), np.asarray(b.train[0]["image"]))
+
+
+def test_crop_pct_is_a_centre_crop_that_timm_reproduces() -> None:
+    import torch
+    from timm.data import create_transform, resolve_data_config
+
+    from vitzoo.data.pipeline import eval_transform, preprocessing_for
+
+    pp = preprocessing_for(DataConfig(source="builtin:digits", channels=1, crop_pct=0.875), 28)
+    img = Image.fromarray(np.arange(32 * 32, dtype=np.uint8).reshape(32, 32) % 251, mode="L")
+    x = eval_transform(pp)(img)
+    assert x.shape == (1, 28, 28)
+    expected = torch.tensor(np.asarray(img)[2:30, 2:30], dtype=torch.float32) / 255
+    torch.testing.assert_close(x[0], (expected - 0.5) / 0.5)  # 32 px stays 32, then the centre 28
+    timm_tf = create_transform(**resolve_data_config(pretrained_cfg=pp.pretrained_cfg(10)))
+    torch.testing.assert_close(timm_tf(img), x)

@@ -55,6 +55,9 @@ class DataConfig:
     label_column: str = "label"
     channels: int = 3
     """Channels the model sees: 1 (grayscale) or 3 (RGB); images are converted."""
+    crop_pct: float = 1.0
+    """Centre-crop fraction of timm's eval transform: resize to img_size / crop_pct, then crop img_size
+    (SVHN's 28 px crop of 32 px images: 0.875). Saved in every model's preprocessing metadata."""
     max_train_samples: int | None = None
     """Cap the training set (after the val carve); for quick runs."""
     max_eval_samples: int | None = None
@@ -73,6 +76,8 @@ class DataConfig:
         _check_range("val_fraction", self.val_fraction, 0.0, 0.9)
         if self.val_split is None and self.val_fraction <= 0:
             raise ValueError("no val_split and val_fraction is 0: a validation split is required")
+        if not 0.1 <= self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in [0.1, 1]; got {self.crop_pct}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3; got {self.channels}")
         for k in ("max_train_samples", "max_eval_samples"):

@@ -35,23 +35,26 @@ class Preprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str
+    crop_pct: float = 1.0
 
     def pretrained_cfg(self, num_classes: int) -> dict:
         return {"input_size": [self.channels, self.img_size, self.img_size], "mean": list(self.mean),
-                "std": list(self.std), "interpolation": self.interpolation, "crop_pct": 1.0, "crop_mode": "center",
+                "std": list(self.std), "interpolation": self.interpolation, "crop_pct": self.crop_pct, "crop_mode": "center",
                 "num_classes": num_classes}
 
 
 def preprocessing_for(cfg: DataConfig, img_size: int) -> Preprocessing:
     if cfg.source.startswith("builtin:") or cfg.channels == 1:
         # Small synthetic/grayscale sets: symmetric normalisation, bilinear upsampling of tiny images.
-        return Preprocessing(img_size, cfg.channels, (0.5,) * cfg.channels, (0.5,) * cfg.channels, "bilinear")
-    return Preprocessing(img_size, 3, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD), "bicubic")
+        return Preprocessing(img_size, cfg.channels, (0.5,) * cfg.channels, (0.5,) * cfg.channels, "bilinear",
+                             cfg.crop_pct)
+    return Preprocessing(img_size, 3, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD), "bicubic",
+                         cfg.crop_pct)
 
 
 def eval_transform(pp: Preprocessing):
     return create_transform(pp.img_size, is_training=False, interpolation=pp.interpolation, mean=pp.mean,
-                            std=pp.std, crop_pct=1.0)
+                            std=pp.std, crop_pct=pp.crop_pct)
 
 
 def train_transform(pp: Preprocessing, aug: AugConfig):
