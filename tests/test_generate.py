@@ -263,3 +263,17 @@ def test_truncated_scratch_state_restarts_the_run(tmp_path: Path) -> None:
     generate(recipe, out, progress=False, log=logs.append)
     assert any("unreadable partial state" in m for m in logs)
     assert len(vitzoo.load(out)) == 2
+
+
+def test_index_is_refreshed_while_a_stage_runs(tmp_path: Path, monkeypatch) -> None:
+    import vitzoo.train.generate as gen
+
+    monkeypatch.setattr(gen, "INDEX_REFRESH_S", 0.0)
+    seen: list[int] = []
+
+    def log(msg: str) -> None:  # runs as each model finishes, before that model's refresh: sees the ones before
+        if (tmp_path / "z" / "index.parquet").exists():
+            seen.append(len(pd.read_parquet(tmp_path / "z" / "index.parquet")["model_id"].unique()))
+
+    generate(TESTS / "tiny.yaml", tmp_path / "z", progress=False, log=log)
+    assert seen[:2] == [1, 2], "the index grows model by model, before the stage ends"

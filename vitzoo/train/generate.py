@@ -16,6 +16,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -118,11 +119,29 @@ def _preflight(plan: Plan, cache, recipe: Recipe) -> None:
                 raise DataError(f"{recipe.source}: stages.{r.stage}.{e}") from None
 
 
+#: Process 0 rebuilds index.parquet at most this often while a stage runs (and at each stage's end).
+INDEX_REFRESH_S = 60.0
+
+
+def _train_stage(stage, runs, ctx) -> Iterator[dict[str, Any]]:
+    """This process's runs of one stage, trained by the engine that fits; yields each run.json."""
+    if stage.sparsify is not None:  # sparsified twins: one variational-dropout run per parent
+        from vitzoo.train.sparsify import train_sparsify_run
+
+        return (train_sparsify_run(spec, ctx) for spec in runs)
+    if stage.model is not None and not stage.model.is_vit:  # classic CNN stages: populations
+        from vitzoo.train.classic import train_stage
+
+        return train_stage(runs, ctx)
+    from vitzoo.train.loop import train_run
+
+    return (train_run(spec, ctx) for spec in runs)
+
+
 def _train_all(recipe, plan, out, state, cache, progress, max_runs, log, stop_after_epoch, t0) -> dict[str, Any]:
     import torch
 
-    from vitzoo.train.classic import train_stage
-    from vitzoo.train.loop import RunContext, train_run
+    from vitzoo.train.loop import RunContext
 
     ctx = RunContext(zoo_root=out, device=state.device, cache=cache, progress=progress and state.is_main_process,
                      hardware=provenance(state.num_processes)["hardware"], stop_after_epoch=stop_after_epoch,
@@ -135,24 +154,14 @@ def _train_all(recipe, plan, out, state, cache, progress, max_runs, log, stop_af
             runs = runs[:max_runs]
         mine = shard(runs, state.process_index, state.num_processes)
         bar = _zoo_bar(ctx, len(mine), stage.name)
-        if stage.sparsify is not None:  # sparsified twins: one variational-dropout run per parent
-            from vitzoo.train.sparsify import train_sparsify_run
-
-            for spec in mine:
-                ctx.log(_summary(train_sparsify_run(spec, ctx)))
-                if bar is not None:
-                    bar.update(1)
-        elif stage.model is not None and not stage.model.is_vit:  # classic CNN stages: populations
-            for info in train_stage(mine, ctx):
-                ctx.log(_summary(info))
-                if bar is not None:
-                    bar.update(1)
-        else:
-            for spec in mine:
-                info = train_run(spec, ctx)
-                ctx.log(_summary(info))
-                if bar is not None:
-                    bar.update(1)
+        indexed = time.time()
+        for info in _train_stage(stage, mine, ctx):
+            ctx.log(_summary(info))
+            if bar is not None:
+                bar.update(1)
+            if state.is_main_process and time.time() - indexed > INDEX_REFRESH_S:
+                write_index(out)  # `vitzoo info` / a partial `vitzoo push` see finished models during a stage
+                indexed = time.time()
         if bar is not None:
             bar.close()
         state.wait_for_everyone()
