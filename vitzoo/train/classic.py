@@ -95,14 +95,11 @@ def train_group(runs: list[RunSpec], ctx: RunContext) -> list[dict[str, Any]]:
     wall = (time.time() - t0) / len(pending)  # the group's time, shared equally: what one model cost
     infos = []
     for i, spec in enumerate(pending):
-        epoch, unsaved = last_good[i]
-        if unsaved is not None:
-            writers[i].save_epoch(epoch, unsaved)
         m = spec.config.model
         args = cnn_model_args(cfg.data.channels, m.activation, m.dropout, m.init)
         net = build_cnn(model.variant, num_classes=data.num_classes, seed=spec.init_seed, **args)
         built = Built(net, lambda n=net: n.state_dict(), f"vitzoo/{model.variant}", args, data.num_classes, 0, pp,
                       data.label_names, "linear", None)
-        infos.append(finish_run(spec, ctx, writers[i], built, dataset=data.name, final_epoch=epoch,
+        infos.append(finish_run(spec, ctx, writers[i], built, dataset=data.name, last_good=last_good[i],
                                 status="diverged" if diverged[i] else "done", wall_s=wall, precision="float32"))
     return infos

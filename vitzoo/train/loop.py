@@ -146,28 +146,39 @@ def train_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
             break
         history.append({"epoch": epoch, **metrics, "lr": optimizer.param_groups[0]["lr"],
                         "objective_loss": objective_loss})
-        if epoch in saved:
-            writer.save_epoch(epoch, built.export())
-            last_good = (epoch, None)
-        else:
-            last_good = (epoch, built.export())
-        writer.save_history(history)
-        writer.save_resume(epoch, net.state_dict(), optimizer.state_dict(), {"elapsed_s": time.time() - t_start})
-        if ctx.stop_after_epoch is not None and epoch >= ctx.stop_after_epoch:
-            raise KeyboardInterrupt(f"stop_after_epoch={ctx.stop_after_epoch}")
+        last_good = end_epoch(ctx, writer, epoch, built.export(), saved, history, net, optimizer, t_start)
     if bar is not None:
         bar.close()
-
-    final_epoch, unsaved_state = last_good
-    if unsaved_state is not None:  # a diverged run's last good state was not a checkpoint epoch
-        writer.save_epoch(final_epoch, unsaved_state)
-    return finish_run(spec, ctx, writer, built, dataset=data.name, final_epoch=final_epoch, status=status,
+    return finish_run(spec, ctx, writer, built, dataset=data.name, last_good=last_good, status=status,
                       wall_s=time.time() - t_start, precision=str(amp_dtype or "float32"))
 
 
-def finish_run(spec: RunSpec, ctx: RunContext, writer: RunWriter, built: Built, *, dataset: str, final_epoch: int,
-               status: str, wall_s: float, precision: str) -> dict[str, Any]:
-    """Write config.json and run.json for a trained run (shared by the per-run and population engines)."""
+def end_epoch(ctx: RunContext, writer: RunWriter, epoch: int, state: dict[str, torch.Tensor], saved: set[int],
+              history: list[dict[str, Any]], net: nn.Module, optimizer: torch.optim.Optimizer,
+              t_start: float) -> tuple[int, dict[str, torch.Tensor] | None]:
+    """Bookkeeping after a good epoch: the state is saved if it is a checkpoint epoch, else kept in memory
+    as the last good one (a later divergence falls back to it); then history and the resume point.
+    Returns ``(epoch, state not yet on disk or None)``, the argument ``finish_run`` takes as ``last_good``."""
+    if epoch in saved:
+        writer.save_epoch(epoch, state)
+    writer.save_history(history)
+    writer.save_resume(epoch, net.state_dict(), optimizer.state_dict(), {"elapsed_s": time.time() - t_start})
+    if ctx.stop_after_epoch is not None and epoch >= ctx.stop_after_epoch:
+        raise KeyboardInterrupt(f"stop_after_epoch={ctx.stop_after_epoch}")
+    return epoch, (None if epoch in saved else state)
+
+
+def finish_run(spec: RunSpec, ctx: RunContext, writer: RunWriter, built: Built, *, dataset: str,
+               last_good: tuple[int, dict[str, torch.Tensor] | None], status: str, wall_s: float,
+               precision: str) -> dict[str, Any]:
+    """Write config.json and run.json for a trained run (shared by every engine).
+
+    ``last_good`` is ``(final epoch, its state if not saved yet)``: the last epoch, or for a diverged
+    run its last good one, which may not have been a checkpoint epoch.
+    """
+    final_epoch, unsaved_state = last_good
+    if unsaved_state is not None:
+        writer.save_epoch(final_epoch, unsaved_state)
     cfg = spec.config
     config_json = vit.config_json(
         built.arch, built.model_args, built.num_classes, built.label_names, built.pp.pretrained_cfg(built.num_classes),

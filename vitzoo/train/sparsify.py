@@ -42,7 +42,16 @@ from torch import nn
 from vitzoo.data.pipeline import EpochSampler, preprocessing_for
 from vitzoo.plan import RunSpec
 from vitzoo.recipe import StageConfig
-from vitzoo.train.loop import Built, RunContext, finish_run, load_parent, lr_schedule, progress_bar, seed_everything
+from vitzoo.train.loop import (
+    Built,
+    RunContext,
+    end_epoch,
+    finish_run,
+    load_parent,
+    lr_schedule,
+    progress_bar,
+    seed_everything,
+)
 from vitzoo.zoo.writer import RunWriter
 
 #: Molchanov et al. (2017), eq. 14: the fitted approximation of -KL(q(w|theta, alpha) || log-uniform prior).
@@ -287,22 +296,10 @@ def train_sparsify_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
         history.append({"epoch": epoch, **metrics, "lr": optimizer.param_groups[0]["lr"], "objective_loss": objective,
                         "kl": (total_kl_sum / steps_per_epoch).item(),
                         "sparsity_ratio": sparsity_ratio(state, weight_keys)})
-        if epoch in saved:
-            writer.save_epoch(epoch, state)
-            last_good = (epoch, None)
-        else:
-            last_good = (epoch, state)
-        writer.save_history(history)
-        writer.save_resume(epoch, net.state_dict(), optimizer.state_dict(), {"elapsed_s": time.time() - t_start})
-        if ctx.stop_after_epoch is not None and epoch >= ctx.stop_after_epoch:
-            raise KeyboardInterrupt(f"stop_after_epoch={ctx.stop_after_epoch}")
+        last_good = end_epoch(ctx, writer, epoch, state, saved, history, net, optimizer, t_start)
     if bar is not None:
         bar.close()
-
-    final_epoch, unsaved_state = last_good
-    if unsaved_state is not None:  # a diverged run's last good state was not a checkpoint epoch
-        writer.save_epoch(final_epoch, unsaved_state)
-    return finish_run(spec, ctx, writer, built, dataset=data.name, final_epoch=final_epoch, status=status,
+    return finish_run(spec, ctx, writer, built, dataset=data.name, last_good=last_good, status=status,
                       wall_s=time.time() - t_start, precision="float32")
 
 
