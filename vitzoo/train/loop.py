@@ -87,19 +87,10 @@ def train_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     saved = set(cfg.saved_epochs())
 
     history: list[dict[str, Any]] = []
-    try:
-        resume = writer.load_resume()
-    except Exception as e:  # noqa: BLE001 - truncated scratch after an OS crash: start the run again
-        ctx.log(f"{spec.run_id}: unreadable partial state ({type(e).__name__}); restarting from epoch 0")
-        writer.reset()
-        resume = None
-    if resume is not None:
-        start_epoch, model_state, opt_state, extra = resume
-        net.load_state_dict(model_state)
-        optimizer.load_state_dict(opt_state)
-        history = writer.history()[: start_epoch + 1]
-        t_start -= extra.get("elapsed_s", 0.0)
-        ctx.log(f"{spec.run_id}: resuming after epoch {start_epoch}")
+    restored = restore(ctx, writer, spec, net, optimizer)
+    if restored is not None:
+        start_epoch, history, elapsed = restored
+        t_start -= elapsed
     else:  # epoch 0: the initialisation, evaluated and saved
         start_epoch = 0
         history = [{"epoch": 0, **_evaluate(net, built, cfg, ctx, simclr), "lr": 0.0, "objective_loss": None}]
@@ -151,6 +142,25 @@ def train_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
         bar.close()
     return finish_run(spec, ctx, writer, built, dataset=data.name, last_good=last_good, status=status,
                       wall_s=time.time() - t_start, precision=str(amp_dtype or "float32"))
+
+
+def restore(ctx: RunContext, writer: RunWriter, spec: RunSpec, net: nn.Module,
+            optimizer: torch.optim.Optimizer) -> tuple[int, list[dict[str, Any]], float] | None:
+    """Load the run's resume point into ``net`` and ``optimizer``: ``(epoch, history, elapsed_s)``, or None
+    to start at epoch 0. Unreadable scratch (not fsync'd, so an OS crash can truncate it) resets the run."""
+    try:
+        resume = writer.load_resume()
+    except Exception as e:  # noqa: BLE001 - any unreadable scratch file: start the run again
+        ctx.log(f"{spec.run_id}: unreadable partial state ({type(e).__name__}); restarting from epoch 0")
+        writer.reset()
+        return None
+    if resume is None:
+        return None
+    epoch, model_state, opt_state, extra = resume
+    net.load_state_dict(model_state)
+    optimizer.load_state_dict(opt_state)
+    ctx.log(f"{spec.run_id}: resuming after epoch {epoch}")
+    return epoch, writer.history()[: epoch + 1], extra.get("elapsed_s", 0.0)
 
 
 def end_epoch(ctx: RunContext, writer: RunWriter, epoch: int, state: dict[str, torch.Tensor], saved: set[int],

@@ -50,6 +50,7 @@ from vitzoo.train.loop import (
     load_parent,
     lr_schedule,
     progress_bar,
+    restore,
     seed_everything,
 )
 from vitzoo.zoo.writer import RunWriter
@@ -225,14 +226,10 @@ def train_sparsify_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     def evaluate() -> dict[str, Any]:
         return _evaluate(net, ctx, cfg, pp)
 
-    resume = writer.load_resume()
-    if resume is not None:
-        start_epoch, model_state, opt_state, extra = resume
-        net.load_state_dict(model_state)
-        optimizer.load_state_dict(opt_state)
-        history = writer.history()[: start_epoch + 1]
-        t_start -= extra.get("elapsed_s", 0.0)
-        ctx.log(f"{spec.run_id}: resuming after epoch {start_epoch}")
+    restored = restore(ctx, writer, spec, net, optimizer)
+    if restored is not None:
+        start_epoch, history, elapsed = restored
+        t_start -= elapsed
     else:  # epoch 0: the parent's state, unchanged
         start_epoch = 0
         state0 = {k: v.detach().to("cpu", copy=True) for k, v in parent_state.items()}
