@@ -59,7 +59,7 @@ def eval_transform(pp: Preprocessing):
 
 def train_transform(pp: Preprocessing, aug: AugConfig):
     """timm's training transform for an augmentation level; plain eval transform for level none."""
-    if not aug.scale and not aug.hflip and not aug.rand_augment and not aug.re_prob:
+    if _is_plain(aug):
         return eval_transform(pp)
     scale = tuple(aug.scale) if aug.scale else (1.0, 1.0)
     ratio = (3 / 4, 4 / 3) if aug.scale else (1.0, 1.0)

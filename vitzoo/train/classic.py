@@ -23,10 +23,8 @@ from typing import Any
 import torch
 
 from vitzoo.data.pipeline import preprocessing_for
-from vitzoo.models import cnn_model_args
-from vitzoo.models.cnn import build_cnn
 from vitzoo.plan import RunSpec
-from vitzoo.train.loop import Built, RunContext, finish_run, train_run
+from vitzoo.train.loop import RunContext, build_cnn_run, finish_run, train_run
 from vitzoo.train.population import train_population
 from vitzoo.train.population_adapter import engine_kwargs, member_from_run, split_runs, unsupported
 from vitzoo.zoo.writer import RunWriter
@@ -95,11 +93,7 @@ def train_group(runs: list[RunSpec], ctx: RunContext) -> list[dict[str, Any]]:
     wall = (time.time() - t0) / len(pending)  # the group's time, shared equally: what one model cost
     infos = []
     for i, spec in enumerate(pending):
-        m = spec.config.model
-        args = cnn_model_args(cfg.data.channels, m.activation, m.dropout, m.init)
-        net = build_cnn(model.variant, num_classes=data.num_classes, seed=spec.init_seed, **args)
-        built = Built(net, lambda n=net: n.state_dict(), f"vitzoo/{model.variant}", args, data.num_classes, 0, pp,
-                      data.label_names, "linear", None)
+        built = build_cnn_run(spec, data.num_classes, data.label_names)
         infos.append(finish_run(spec, ctx, writers[i], built, dataset=data.name, last_good=last_good[i],
                                 status="diverged" if diverged[i] else "done", wall_s=wall, precision="float32"))
     return infos

@@ -12,6 +12,7 @@ the zoo goes on: the reference zoos contain diverged models, so this is data, no
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
@@ -64,8 +65,6 @@ def train_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     """Train ``spec`` into ``<zoo>/models/<run_id>``; returns its run.json content."""
     writer = RunWriter(ctx.zoo_root, spec.run_id)
     if writer.is_finished():
-        import json
-
         return json.loads((writer.folder / "run.json").read_text())
     writer.discard_temp_files()
     cfg = spec.config
@@ -215,7 +214,7 @@ def _build(spec: RunSpec, ctx: RunContext, num_classes: int, label_names: list[s
     if cfg.finetune is None:
         assert cfg.model is not None
         if not cfg.model.is_vit:
-            return _build_cnn(spec, num_classes, label_names)
+            return build_cnn_run(spec, num_classes, label_names)
         arch, args = vit.vit_args(cfg.model, cfg.data.channels)
         pp = preprocessing_for(cfg.data, cfg.model.resolved_img_size)
         if cfg.objective.name == "simclr":
@@ -231,7 +230,8 @@ def _build(spec: RunSpec, ctx: RunContext, num_classes: int, label_names: list[s
     return _build_finetune(spec, ctx, num_classes, label_names)
 
 
-def _build_cnn(spec: RunSpec, num_classes: int, label_names: list[str]) -> Built:
+def build_cnn_run(spec: RunSpec, num_classes: int, label_names: list[str]) -> Built:
+    """A classic-zoo CNN for a run, initialised from its seed (used by the per-run and population engines)."""
     from vitzoo.models import cnn_model_args
     from vitzoo.models.cnn import build_cnn
 

@@ -11,8 +11,8 @@ This module never imports the training code.
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,6 +77,7 @@ class Zoo:
         self.source = source
         self.index = index if index is not None else pd.read_parquet(source.local_path(INDEX_FILE))
         self._verified: set[str] = _verified if _verified is not None else set()  # shared by filtered views
+        self._configs: dict[str, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         counts = self.models.groupby("stage").size().to_dict() if len(self.index) else {}
@@ -100,7 +101,9 @@ class Zoo:
 
     def config(self, model_id: str) -> dict[str, Any]:
         self._check_id(model_id)
-        return json.loads(self.source.local_path(f"models/{model_id}/config.json").read_text())
+        if model_id not in self._configs:  # read once: state_dict()/weights() ask for it on every call
+            self._configs[model_id] = json.loads(self.source.local_path(f"models/{model_id}/config.json").read_text())
+        return copy.deepcopy(self._configs[model_id])
 
     def run_info(self, model_id: str) -> dict[str, Any]:
         self._check_id(model_id)
@@ -134,7 +137,9 @@ class Zoo:
             df = df[(df["epoch"] >= epochs[0]) & (df["epoch"] <= epochs[1])]
         if final is not None:
             df = df[df["final"] == final]
-        return Zoo(self.source, df.reset_index(drop=True), self._verified)
+        view = Zoo(self.source, df.reset_index(drop=True), self._verified)
+        view._configs = self._configs
+        return view
 
     # ------------------------------------------------------------------ weights
     def _check_id(self, model_id: str) -> None:
@@ -284,8 +289,3 @@ def read_state(source: LocalSource, run_info: dict[str, Any], epoch: int) -> dic
             return _read_prefixed(source.local_path(st["file"]), st["tensor_prefix"])
     raise ZooError(f"model {run_info['run_id']!r} has no saved state at epoch {epoch}; saved: "
                    f"{[s['epoch'] for s in run_info['states']]}")
-
-
-def iter_states(zoo: Zoo) -> Iterable[tuple[str, int, dict[str, torch.Tensor]]]:
-    for _, row in zoo.index.iterrows():
-        yield row["model_id"], int(row["epoch"]), zoo.state_dict(row["model_id"], int(row["epoch"]))
