@@ -9,8 +9,10 @@ Lion optimizer axis) goes through the per-run loop. Each epoch's states go throu
 :class:`~vitzoo.zoo.writer.RunWriter`, so a CNN zoo is indistinguishable on disk from one trained
 run by run, and loads with ``vitzoo.load`` like a ViT zoo.
 
-Resume granularity is the group: a group interrupted mid-way is retrained from epoch 0 on the next
-``generate`` (its finished members are skipped). Groups are minutes long on a GPU.
+Models are committed as soon as their last epoch is written, and each sub-population snapshots its
+training state after every epoch (:mod:`vitzoo.train.population_state`), so an interrupted group
+continues after its last finished epoch; the dropout masks of a resumed group equal an uninterrupted
+run's when the same models resume together (the normal case).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from vitzoo.plan import RunSpec
 from vitzoo.train.loop import RunContext, build_cnn_run, finish_run, train_run
 from vitzoo.train.population import train_population
 from vitzoo.train.population_adapter import engine_kwargs, member_from_run, split_runs, unsupported
+from vitzoo.train.population_state import SnapshotStore
 from vitzoo.zoo.writer import RunWriter
 
 
@@ -41,14 +44,18 @@ def train_stage(runs: list[RunSpec], ctx: RunContext) -> Iterator[dict[str, Any]
 
 
 def train_group(runs: list[RunSpec], ctx: RunContext) -> list[dict[str, Any]]:
-    """Train the unfinished runs of one population group; returns their run.json contents."""
+    """Train the unfinished runs of one population group; returns their run.json contents.
+
+    Each model is finished (``finish_run``) as soon as its last epoch is written, and the group's
+    training state is snapshotted after every epoch in ``<zoo>/.partial/populations/``, so an
+    interrupted group continues after its last finished epoch on the next ``generate``.
+    """
     pending = [r for r in runs if not RunWriter(ctx.zoo_root, r.run_id).is_finished()]
     if not pending:
         return []
     cfg = pending[0].config
     model = cfg.model
     assert model is not None
-    t0 = time.time()
     data = ctx.cache.splits(cfg.data)
     pp = preprocessing_for(cfg.data, model.resolved_img_size)
     train_x, train_y = ctx.cache.eval_tensors(cfg.data, "train", pp)
@@ -57,43 +64,66 @@ def train_group(runs: list[RunSpec], ctx: RunContext) -> list[dict[str, Any]]:
         evals["test"] = ctx.cache.eval_tensors(cfg.data, "test", pp)
     # The train-set metrics are the clean (eval-mode) ones, like the per-run loop, capped like it at 10k.
     evals["train"] = (train_x[:10_000], train_y[:10_000])
-    writers = [RunWriter(ctx.zoo_root, r.run_id) for r in pending]
-    for w in writers:  # a group restarts from epoch 0: drop what an interrupted attempt left
-        w.reset()
-        w.discard_temp_files()
+    store = SnapshotStore(ctx.zoo_root / ".partial" / "populations")
     saved = set(cfg.saved_epochs())
+    writers = [RunWriter(ctx.zoo_root, r.run_id) for r in pending]
     histories: list[list[dict[str, Any]]] = [[] for _ in pending]
     last_good: list[tuple[int, dict[str, torch.Tensor] | None]] = [(0, None) for _ in pending]
     diverged = [False] * len(pending)
+    for w in writers:
+        w.discard_temp_files()
+        if store.epoch_of(w.run_id) is not None:
+            try:  # scratch is not fsync'd: after an OS crash a model's files may be truncated
+                w.check_partial()
+            except Exception as e:  # noqa: BLE001 - any unreadable scratch file: that model starts again
+                ctx.log(f"{w.run_id}: unreadable partial state ({type(e).__name__}); restarting from epoch 0")
+                store.forget(w.run_id)
+        if store.epoch_of(w.run_id) is None:  # starts at epoch 0: drop what an attempt left before its 1st snapshot
+            w.reset()
+    for cohort in store.cohorts([r.run_id for r in pending]):
+        snap = store.load([pending[i].run_id for i in cohort])
+        ctx.log(f"{len(cohort)} models of {pending[cohort[0]].run_id}'s population: resuming after epoch {snap.epoch}")
+        for j, i in enumerate(cohort):
+            # Rows the interrupted attempt wrote after its snapshot are dropped (that epoch is trained again).
+            histories[i] = [h for h in writers[i].history() if h["epoch"] <= snap.epoch]
+            # A diverged model's history stops at its last good epoch, which was saved when it diverged.
+            diverged[i] = not bool(snap.tensors["alive"][j])
+            unsaved = not diverged[i] and snap.epoch not in saved
+            last_good[i] = (histories[i][-1]["epoch"], snap.row_state(j) if unsaved else None)
+    built = [build_cnn_run(spec, data.num_classes, data.label_names) for spec in pending]
+    infos: list[dict[str, Any]] = []
+    clock = [time.time()]
 
     def on_epoch(epoch: int, states: list[dict[str, torch.Tensor]], metrics: list[dict[str, Any]]) -> None:
         for state, met in zip(states, metrics):
             i = met["index"]
-            if diverged[i]:
-                continue
-            if met.get("status") == "diverged":
+            if not diverged[i] and met.get("status") == "diverged":
                 diverged[i] = True
-                continue
-            row = {"epoch": epoch, **{f"{s}_{k}": met.get(f"{s}_{k}") for s in ("train", "val", "test")
-                                      for k in ("loss", "acc")},
-                   "objective_loss": met.get("running_loss")}
-            histories[i].append(row)
-            cpu = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-            if epoch in saved:
-                writers[i].save_epoch(epoch, cpu)
-                last_good[i] = (epoch, None)
-            else:
-                last_good[i] = (epoch, cpu)
-            writers[i].save_history(histories[i])
+                good_epoch, unsaved = last_good[i]
+                if unsaved is not None:  # on disk now: a resumed run finds its last good state there
+                    writers[i].save_epoch(good_epoch, unsaved)
+                    last_good[i] = (good_epoch, None)
+            if not diverged[i]:
+                histories[i].append({"epoch": epoch, **{f"{s}_{k}": met.get(f"{s}_{k}") for s in ("train", "val", "test")
+                                                        for k in ("loss", "acc")},
+                                     "objective_loss": met.get("running_loss")})
+                cpu = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+                if epoch in saved:
+                    writers[i].save_epoch(epoch, cpu)
+                last_good[i] = (epoch, None if epoch in saved else cpu)
+                writers[i].save_history(histories[i])
+        if epoch == cfg.epochs:  # these models are done: commit them now, not at the end of the group
+            done = [met["index"] for met in metrics]
+            wall = (time.time() - clock[0]) / len(done)  # the sub-population's time, shared equally
+            clock[0] = time.time()
+            for i in done:
+                infos.append(finish_run(pending[i], ctx, writers[i], built[i], dataset=data.name,
+                                        last_good=last_good[i], status="diverged" if diverged[i] else "done",
+                                        wall_s=wall, precision="float32"))
 
     steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)  # the engine keeps the last, smaller batch
     train_population(members=[member_from_run(r) for r in pending], num_classes=data.num_classes, train_x=train_x,
-                     train_y=train_y, evals=evals, device=ctx.device, on_epoch=on_epoch,
-                     **engine_kwargs(pending[0], steps_per_epoch))
-    wall = (time.time() - t0) / len(pending)  # the group's time, shared equally: what one model cost
-    infos = []
-    for i, spec in enumerate(pending):
-        built = build_cnn_run(spec, data.num_classes, data.label_names)
-        infos.append(finish_run(spec, ctx, writers[i], built, dataset=data.name, last_good=last_good[i],
-                                status="diverged" if diverged[i] else "done", wall_s=wall, precision="float32"))
+                     train_y=train_y, evals=evals, device=ctx.device, on_epoch=on_epoch, checkpoints=store,
+                     stop_after_epoch=ctx.stop_after_epoch, **engine_kwargs(pending[0], steps_per_epoch))
+    store.discard([r.run_id for r in pending])
     return infos

@@ -59,6 +59,11 @@ Known differences (documented, tested where possible):
   running statistics under vmap need a functional batchnorm that is not written yet, and an 11M
   parameter model at batch 128-256 already fills a device far better than CNN-s at batch 10.
 
+Resume: with ``checkpoints`` (a :class:`~vitzoo.train.population_state.SnapshotStore`) every
+sub-population (and every one-by-one model) writes its whole training state after each epoch, in one
+layout for both paths; a later call continues each model after its snapshot's epoch, bit for bit
+where the same models resume together (tests/test_population.py).
+
 Population size: :func:`max_population_size` estimates how many models fit in (a fraction of) the
 device memory; larger member lists are split into sub-populations, and members that cannot share
 one forward (different activation or dropout: a different module) or one update rule (optimizer)
@@ -85,6 +90,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from vitzoo.models.cnn import build_cnn
+from vitzoo.train.population_state import Snapshot, SnapshotStore, rng_state, set_rng_state
 
 Schedule = str | Callable[[int, int], float]
 OnEpoch = Callable[[int, list[dict[str, Tensor]], list[dict[str, Any]]], None]
@@ -122,6 +128,8 @@ class PopulationMember:
     eps: float = 1e-8
     grad_clip: float | None = None
     """Clip each model's global gradient norm (``torch.nn.utils.clip_grad_norm_``); None = off."""
+    name: str = ""
+    """Unique key of the model in resume snapshots (``checkpoint_dir``); the caller's run id."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
@@ -327,6 +335,23 @@ class _Population:
         self._grad = vmap(grad_and_value(loss_fn, has_aux=True), in_dims=(0, 0, 0), randomness=rnd)
         self._fwd = vmap(fwd, in_dims=(0, None))
 
+    def snapshot(self, epoch: int, names: list[str]) -> Snapshot:
+        """The whole training state after ``epoch`` (see :mod:`vitzoo.train.population_state`)."""
+        tensors = {"flat": self.flat, "alive": self.alive, "diverged_step": self.diverged_step}
+        tensors.update({f"opt/{k}": v for k, v in self.state.items()})
+        return Snapshot(epoch, self.step_count, names, tensors,
+                        [(n, list(p.shape[1:])) for n, p in self.params.items()], rng_state(self.device))
+
+    def load(self, snap: Snapshot) -> None:
+        """Continue from ``snap`` (rows in member order)."""
+        with torch.no_grad():
+            self.flat.copy_(snap.tensors["flat"])
+            for k, v in self.state.items():
+                v.copy_(snap.tensors[f"opt/{k}"])
+        self.alive = snap.tensors["alive"].to(self.device)
+        self.diverged_step = snap.tensors["diverged_step"].to(self.device)
+        self.step_count = snap.step
+
     def reset_running(self) -> None:
         """Zero the running (during-training) loss / correct counts of the epoch."""
         self.run_loss = torch.zeros(self.P, dtype=torch.float64, device=self.device)
@@ -409,8 +434,13 @@ class _Population:
 def _train_vectorised(arch: str, in_chans: int, num_classes: int, members: Sequence[PopulationMember],
                       indices: Sequence[int], train_x: Tensor, train_y: Tensor, evals: EvalSets, epochs: int,
                       batch_size: int, device: torch.device, on_epoch: OnEpoch | None, schedule: Schedule,
-                      dropout_seed: int, eval_budget: int) -> list[list[dict[str, Any]]]:
+                      dropout_seed: int, eval_budget: int, store: SnapshotStore | None = None,
+                      stop_after_epoch: int | None = None) -> list[list[dict[str, Any]]]:
     pop = _Population(arch, in_chans, num_classes, members, device, dropout_seed)
+    names = [m.name for m in members]
+    start = _start(store, names)
+    if start is not None:
+        pop.load(start)
     n = len(train_x)
     steps = _n_steps(n, batch_size)
     total = steps * epochs
@@ -440,10 +470,11 @@ def _train_vectorised(arch: str, in_chans: int, num_classes: int, members: Seque
             on_epoch(epoch, pop.states(), mets)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(_mix_seed(dropout_seed, *[m.init_seed for m in members[:8]], len(members)))
-        report(0)
-        gstep = 0
-        for epoch in range(1, epochs + 1):
+        _seed_dropout(start, device, dropout_seed, *[m.init_seed for m in members[:8]], len(members))
+        if start is None:
+            report(0)
+        first, gstep = (start.epoch + 1, start.step) if start is not None else (1, 0)
+        for epoch in range(first, epochs + 1):
             perms = torch.stack([epoch_permutation(m.data_seed, epoch, n) for m in members]).to(device)
             for s in range(steps):
                 idx = perms[:, s * batch_size:(s + 1) * batch_size]
@@ -451,7 +482,34 @@ def _train_vectorised(arch: str, in_chans: int, num_classes: int, members: Seque
                 gstep += 1
             del perms
             report(epoch)
+            _checkpoint(store, epoch, epochs, lambda e: pop.snapshot(e, names), stop_after_epoch)
     return history
+
+
+def _start(store: SnapshotStore | None, names: list[str]) -> Snapshot | None:
+    """The snapshot a group resumes from (the caller groups members by resume epoch), or None."""
+    if store is None or store.epoch_of(names[0]) is None:
+        return None
+    return store.load(names)
+
+
+def _seed_dropout(start: Snapshot | None, device: torch.device, *seed: int) -> None:
+    """Seed the global RNG (dropout) of a group: fresh, or the snapshot's state, or — when the group's
+    members were saved with other companions — a seed derived from the resume epoch."""
+    if start is not None and start.rng:
+        set_rng_state(start.rng, device)
+    else:
+        torch.manual_seed(_mix_seed(*seed, *([start.epoch] if start is not None else [])))
+
+
+def _checkpoint(store: SnapshotStore | None, epoch: int, epochs: int, snapshot: Callable[[int], Snapshot],
+                stop_after_epoch: int | None) -> None:
+    """After ``epoch`` (and its ``on_epoch``): write the resume snapshot (none after the last epoch:
+    the caller finishes the models then). ``stop_after_epoch`` then simulates an interruption."""
+    if store is not None and epoch < epochs:
+        store.save(snapshot(epoch))
+    if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < epochs:
+        raise KeyboardInterrupt(f"stop_after_epoch={stop_after_epoch}")
 
 
 def _probe(pop: _Population, train_x: Tensor, train_y: Tensor, batch_size: int, chunk: int, evals: EvalSets) -> None:
@@ -492,12 +550,14 @@ def _evaluate_one(model: nn.Module, x: Tensor, y: Tensor, chunk: int) -> tuple[f
 def train_one(arch: str, in_chans: int, num_classes: int, member: PopulationMember, train_x: Tensor,
               train_y: Tensor, evals: EvalSets, epochs: int, batch_size: int, device: str | torch.device | None = None,
               on_epoch: OnEpoch | None = None, schedule: Schedule = "constant", index: int = 0,
-              augment: str | None = None, dropout_seed: int = 0, eval_batch_size: int = 1000) -> list[dict[str, Any]]:
+              augment: str | None = None, dropout_seed: int = 0, eval_batch_size: int = 1000,
+              store: SnapshotStore | None = None, stop_after_epoch: int | None = None) -> list[dict[str, Any]]:
     """The plain reference loop: one model, ``torch.optim`` and an ``nn.Module``, same semantics.
 
     ``augment="crop_flip"`` applies :func:`crop_flip` on the device with a generator seeded per
     (data_seed, epoch). Dropout (and nothing else) uses the global RNG, seeded per model inside a
-    forked RNG state, so the caller's RNG is untouched.
+    forked RNG state, so the caller's RNG is untouched. With a ``store`` the model resumes from
+    its snapshot and writes one after every epoch (P = 1: the same format as a vectorised group).
     """
     dev = _resolve_device(device)
     m = member
@@ -506,9 +566,12 @@ def train_one(arch: str, in_chans: int, num_classes: int, member: PopulationMemb
     n = len(train_x)
     steps = _n_steps(n, batch_size)
     total = steps * epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(schedule, s, total))
     history: list[dict[str, Any]] = []
     diverged_step: int | None = None
+    start = _start(store, [m.name])
+    if start is not None:
+        _load_one(model, opt, start)
+        diverged_step = None if bool(start.tensors["alive"][0]) else int(start.tensors["diverged_step"][0])
     running = {"loss": torch.zeros((), dtype=torch.float64, device=dev), "correct": torch.zeros((), dtype=torch.long,
                device=dev), "seen": 0}
 
@@ -527,10 +590,11 @@ def train_one(arch: str, in_chans: int, num_classes: int, member: PopulationMemb
             on_epoch(epoch, [dict(model.state_dict())], [met])
 
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(_mix_seed(dropout_seed, m.init_seed, m.data_seed))
-        report(0)
-        gstep = 0
-        for epoch in range(1, epochs + 1):
+        _seed_dropout(start, dev, dropout_seed, m.init_seed, m.data_seed)
+        if start is None:
+            report(0)
+        first, gstep = (start.epoch + 1, start.step) if start is not None else (1, 0)
+        for epoch in range(first, epochs + 1):
             if diverged_step is None:
                 model.train()
                 perm = epoch_permutation(m.data_seed, epoch, n).to(dev)
@@ -556,14 +620,49 @@ def train_one(arch: str, in_chans: int, num_classes: int, member: PopulationMemb
                         break
                     if m.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), m.grad_clip, foreach=False)
+                    for g in opt.param_groups:  # = LambdaLR: base lr x the schedule's factor at this step
+                        g["lr"] = m.lr * lr_factor(schedule, gstep, total)
                     opt.step()
-                    sched.step()
                     gstep += 1
                     running["loss"] += loss.detach().double() * len(y)
                     running["correct"] += (logits.detach().argmax(-1) == y).sum()
                     running["seen"] += len(y)
             report(epoch)
+            _checkpoint(store, epoch, epochs, lambda e, s=gstep, d=diverged_step: _snapshot_one(model, opt, e, s, d, m.name),
+                        stop_after_epoch)
     return history
+
+
+def _snapshot_one(model: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int, diverged_step: int | None,
+                  name: str) -> Snapshot:
+    """A one-model snapshot in the vectorised engine's layout (flat rows, named_parameters order)."""
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    flat = torch.cat([p.detach().flatten() for p in params])[None]
+    keys = ("exp_avg", "exp_avg_sq") if isinstance(opt, torch.optim.Adam) else ("momentum_buffer",)
+    tensors = {"flat": flat, "alive": torch.tensor([diverged_step is None]),
+               "diverged_step": torch.tensor([-1 if diverged_step is None else diverged_step])}
+    for k in keys:
+        tensors[f"opt/{k}"] = torch.cat([(opt.state[p].get(k) if opt.state[p].get(k) is not None
+                                         else torch.zeros_like(p)).detach().flatten() for p in params])[None]
+    tensors.update({f"buffers/{k}": v[None] for k, v in model.named_buffers()})
+    return Snapshot(epoch, step, [name], tensors, [(k, list(p.shape)) for k, p in named], rng_state(flat.device))
+
+
+def _load_one(model: nn.Module, opt: torch.optim.Optimizer, snap: Snapshot) -> None:
+    """Continue a one-model run from row 0 of ``snap`` (which either engine may have written)."""
+    model.load_state_dict(snap.row_state(0))
+    named = list(model.named_parameters())
+    adam = isinstance(opt, torch.optim.Adam)
+    state: dict[int, dict[str, Any]] = {i: {"step": torch.tensor(float(snap.step))} if adam else {}
+                                        for i in range(len(named))}
+    for key, rows in snap.tensors.items():
+        if key.startswith("opt/"):
+            off = 0
+            for i, (_, p) in enumerate(named):
+                state[i][key[4:]] = rows[0, off:off + p.numel()].view_as(p).clone()
+                off += p.numel()
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
 def train_one_by_one(arch: str, in_chans: int, num_classes: int, members: Sequence[PopulationMember],
@@ -587,7 +686,8 @@ def train_population(arch: str, in_chans: int, num_classes: int, members: Sequen
                      device: str | torch.device | None = None, on_epoch: OnEpoch | None = None,
                      schedule: Schedule = "constant", mode: str = "auto", max_population: int | None = None,
                      augment: str | None = None, dropout_seed: int = 0, eval_memory_bytes: int = 256 << 20,
-                     min_population: int | None = None) -> list[list[dict[str, Any]]]:
+                     min_population: int | None = None, checkpoints: SnapshotStore | None = None,
+                     stop_after_epoch: int | None = None) -> list[list[dict[str, Any]]]:
     """Train ``members`` (one architecture) and return each member's per-epoch metrics.
 
     ``mode``: ``auto`` (vectorise CNN-s/CNN-m groups of >= 2 models without augmentation, else one
@@ -598,6 +698,12 @@ def train_population(arch: str, in_chans: int, num_classes: int, members: Sequen
     :data:`MIN_POPULATION` for the device type: below it the vectorised step is not faster).
     Data (``train_x`` float (N, C, H, W), ``train_y`` long (N,), and ``evals``) is moved to the
     device once. ``on_epoch`` is called after every epoch (0 = untrained) per sub-population.
+
+    ``checkpoints``: after every epoch (and its ``on_epoch``) each sub-population writes a resume
+    snapshot there (:mod:`vitzoo.train.population_state`; members need unique ``name`` s); members
+    found there continue after their snapshot's epoch, with the companions they were saved with
+    (no ``on_epoch`` call for the epochs already done). The caller discards the snapshots when done.
+    ``stop_after_epoch`` raises KeyboardInterrupt after that epoch's snapshot (tests: an interruption).
     """
     if mode not in ("auto", "population", "sequential"):
         raise ValueError(f"mode must be auto, population or sequential; got {mode!r}")
@@ -609,11 +715,17 @@ def train_population(arch: str, in_chans: int, num_classes: int, members: Sequen
     vectorisable = arch in VECTORISED_ARCHS and augment is None
     if mode == "population" and not vectorisable:
         raise ValueError(f"{arch} with augment={augment!r} cannot be vectorised; use mode='sequential'")
+    store = checkpoints
+    if store is not None:
+        names = [m.name for m in members]
+        if "" in names or len(set(names)) != len(names):
+            raise ValueError("checkpoints need a unique, non-empty name per member")
+    resume = {"store": store, "stop_after_epoch": stop_after_epoch}
 
     def sequential(idx: list[int]) -> None:
         for i in idx:
             history[i] = train_one(arch, in_chans, num_classes, members[i], train_x, train_y, evals, epochs,
-                                   batch_size, dev, on_epoch, schedule, i, augment, dropout_seed)
+                                   batch_size, dev, on_epoch, schedule, i, augment, dropout_seed, **resume)
 
     if mode == "sequential" or not vectorisable:
         sequential(list(range(len(members))))
@@ -625,12 +737,18 @@ def train_population(arch: str, in_chans: int, num_classes: int, members: Sequen
     cap = max_population or max_population_size(arch, in_chans, num_classes, batch_size, dev)
     least = min_population or MIN_POPULATION.get(dev.type, 2)
     for idx in groups.values():
-        for chunk in balanced_chunks(idx, cap):
+        # Members with snapshots resume together with the companions they were saved with; the rest
+        # (and everyone on a fresh run) are split into balanced sub-populations.
+        cohorts = [[idx[j] for j in c] for c in store.cohorts([members[i].name for i in idx])] if store else []
+        resumed = {i for c in cohorts for i in c}
+        units = [chunk for c in cohorts for chunk in balanced_chunks(c, cap)]
+        units += balanced_chunks([i for i in idx if i not in resumed], cap)
+        for chunk in units:
             if mode == "auto" and len(chunk) < least:
                 sequential(chunk)
                 continue
             _run_chunks(arch, in_chans, num_classes, members, chunk, len(chunk), train_x, train_y, evals, epochs,
-                        batch_size, dev, on_epoch, schedule, dropout_seed, eval_memory_bytes, history)
+                        batch_size, dev, on_epoch, schedule, dropout_seed, eval_memory_bytes, history, **resume)
     return history
 
 
@@ -650,14 +768,14 @@ def balanced_chunks(idx: list[int], cap: int) -> list[list[int]]:
 def _run_chunks(arch: str, in_chans: int, num_classes: int, members: list[PopulationMember], idx: list[int], cap: int,
                 train_x: Tensor, train_y: Tensor, evals: EvalSets, epochs: int, batch_size: int, dev: torch.device,
                 on_epoch: OnEpoch | None, schedule: Schedule, dropout_seed: int, eval_budget: int,
-                history: list[list[dict[str, Any]]]) -> None:
+                history: list[list[dict[str, Any]]], **resume: Any) -> None:
     queue = [idx[s:s + cap] for s in range(0, len(idx), cap)]
     while queue:
         chunk = queue.pop(0)
         try:
             hist = _train_vectorised(arch, in_chans, num_classes, [members[i] for i in chunk], chunk, train_x,
                                      train_y, evals, epochs, batch_size, dev, on_epoch, schedule, dropout_seed,
-                                     eval_budget)
+                                     eval_budget, **resume)
         except torch.OutOfMemoryError:
             if len(chunk) == 1:
                 raise

@@ -66,6 +66,7 @@ def member_from_run(run: RunSpec) -> PopulationMember:
         init_seed=run.init_seed, data_seed=run.data_seed, optimizer=OPTIMIZERS[c.optimizer.name], lr=float(o["lr"]),
         weight_decay=float(o.get("weight_decay", 0.0)), momentum=float(o.get("momentum", 0.9)),
         activation=c.model.activation, dropout=c.model.dropout, init=c.model.init, grad_clip=c.optimizer.grad_clip,
+        name=run.run_id,
     )
 
 

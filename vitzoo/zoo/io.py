@@ -32,9 +32,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None], durable: bool =
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; zoo files are meant to be shared
     try:
         write(tmp)
+        # mkstemp makes 0600 files, and some writers (safetensors) re-create the file: zoo files are shared.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

@@ -84,10 +84,7 @@ class RunWriter:
         p = self.partial / "resume.safetensors"
         if not p.is_file():
             return None
-        for e in self.saved_epochs():  # every saved epoch must still be readable at finalize
-            with safetensors.safe_open(str(self.partial / f"epoch_{e:04d}.safetensors"), "pt"):
-                pass
-        json.loads((self.partial / "history.json").read_text())
+        self.check_partial()
         with safetensors.safe_open(str(p), "pt") as f:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -95,6 +92,13 @@ class RunWriter:
         opt = _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("opt/")},
                                    json.loads(meta["optimizer"]))
         return int(meta["epoch"]), model, opt, json.loads(meta["extra"])
+
+    def check_partial(self) -> None:
+        """Raise if a saved epoch or the history cannot be read (finalize needs them all)."""
+        for e in self.saved_epochs():
+            with safetensors.safe_open(str(self.partial / f"epoch_{e:04d}.safetensors"), "pt"):
+                pass
+        json.loads((self.partial / "history.json").read_text())
 
     # ---------------------------------------------------------------- the end
     def finalize(self, *, config_json: dict[str, Any], run_info: dict[str, Any], final_epoch: int,
