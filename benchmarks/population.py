@@ -7,11 +7,12 @@ with ``x_train, y_train, x_test, y_test`` (keras' mnist.npz layout); ``--train-s
 ``--eval-size`` shrink the sets so the benchmark fits a CPU. ``--train-metrics running`` drops the
 per-epoch evaluation pass over the train set (the engine's running averages replace it).
 
-Checkpoints are written the way the zoo format does it while training (docs/zoo-format.md): one
-safetensors file per model per epoch under ``models/<id>/.partial/``, atomically (temp + fsync +
-rename, via ``vitzoo.zoo.io.save_safetensors``), then, when the model finishes, consolidated into
-``checkpoints.safetensors`` (keys ``epoch_0003/<param>``) + ``model.safetensors``. Both are
-timed as checkpoint time.
+Checkpoints are written the way ``vitzoo generate`` does it while training (docs/zoo-format.md):
+one safetensors file and one history.json per model per epoch under ``models/<id>/.partial/``
+(atomic temp + rename, scratch not fsync'd, via ``vitzoo.zoo.io``), one resume snapshot per
+sub-population per epoch (``vitzoo.train.population_state``), then, when a model finishes, its
+states consolidated into ``checkpoints.safetensors`` (keys ``epoch_0003/<param>``) +
+``model.safetensors`` (fsync'd). All of it is timed as checkpoint time.
 
 Reported per population size P: wall seconds, models x epochs per hour, the fraction of the wall
 time spent writing checkpoints, and the speed-up over the one-by-one loop (measured on
@@ -38,21 +39,8 @@ import safetensors.torch
 import torch
 
 from vitzoo.train.population import MIN_POPULATION, PopulationMember, train_population
-
-try:
-    from vitzoo.zoo.io import save_safetensors
-except ImportError:  # the zoo writer is optional here: same semantics, inline
-    import os
-
-    def save_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        safetensors.torch.save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+from vitzoo.train.population_state import Snapshot, SnapshotStore
+from vitzoo.zoo.io import save_safetensors, write_json
 
 
 def load_data(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -85,13 +73,17 @@ class CheckpointWriter:
 
     def __init__(self, root: Path, epochs: int) -> None:
         self.root, self.epochs, self.seconds, self.files = root, epochs, 0.0, 0
+        self.history: dict[int, list[dict[str, Any]]] = {}
 
     def __call__(self, epoch: int, states: list[dict[str, torch.Tensor]], metrics: list[dict[str, Any]]) -> None:
         t0 = time.perf_counter()
         for st, met in zip(states, metrics, strict=True):
             run = self.root / "models" / f"train-{met['index']:06d}"
-            save_safetensors(run / ".partial" / f"epoch_{epoch:04d}.safetensors", st)
-            self.files += 1
+            save_safetensors(run / ".partial" / f"epoch_{epoch:04d}.safetensors", st, durable=False)
+            hist = self.history.setdefault(met["index"], [])
+            hist.append(met)
+            write_json(run / ".partial" / "history.json", hist, durable=False)
+            self.files += 2
             if epoch == self.epochs:
                 self._consolidate(run)
         self.seconds += time.perf_counter() - t0
@@ -113,17 +105,33 @@ class CheckpointWriter:
         self.files += 2
 
 
+class TimedSnapshots(SnapshotStore):
+    """The engine's resume snapshots (one per sub-population per epoch), timed into the writer's total."""
+
+    def __init__(self, folder: Path, writer: CheckpointWriter) -> None:
+        super().__init__(folder)
+        self.writer = writer
+
+    def save(self, snap: Snapshot) -> Path:
+        t0 = time.perf_counter()
+        path = super().save(snap)
+        self.writer.seconds += time.perf_counter() - t0
+        self.writer.files += 1
+        return path
+
+
 def run(args: argparse.Namespace, data: dict[str, tuple[torch.Tensor, torch.Tensor]], n_models: int, mode: str,
         device: str) -> dict[str, Any]:
     members = [PopulationMember(init_seed=s, data_seed=s, optimizer="adam", lr=3e-4, weight_decay=0.0,
-                                activation="tanh", init="U") for s in range(1, n_models + 1)]
+                                activation="tanh", init="U", name=f"m{s}") for s in range(1, n_models + 1)]
     tmp = Path(tempfile.mkdtemp(prefix="vitzoo-bench-", dir=args.tmp))
     writer = CheckpointWriter(tmp, args.epochs)
+    snapshots = TimedSnapshots(tmp / ".partial" / "populations", writer)
     tx, ty = data["train"]
     evals = data if args.train_metrics == "eval" else {k: v for k, v in data.items() if k != "train"}
     t0, c0 = time.perf_counter(), time.process_time()
     hist = train_population("cnn-s", 1, 10, members, tx, ty, evals, args.epochs, 10, device, writer,
-                            mode=mode, min_population=1 if mode == "population" else None)
+                            mode=mode, min_population=1 if mode == "population" else None, checkpoints=snapshots)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0

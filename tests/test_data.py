@@ -74,3 +74,19 @@ def test_crop_pct_is_a_centre_crop_that_timm_reproduces() -> None:
     torch.testing.assert_close(x[0], (expected - 0.5) / 0.5)  # 32 px stays 32, then the centre 28
     timm_tf = create_transform(**resolve_data_config(pretrained_cfg=pp.pretrained_cfg(10)))
     torch.testing.assert_close(timm_tf(img), x)
+
+
+def test_padded_random_crop_pads_with_black_before_normalising() -> None:
+    """``aug.crop_padding`` is torchvision's RandomCrop(size, padding, fill=0) + flip, then Normalize."""
+    from vitzoo.data.pipeline import Preprocessing, train_transform
+    from vitzoo.recipe import AugConfig
+
+    pp = Preprocessing(16, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 1.0)
+    t = train_transform(pp, AugConfig(crop_padding=4, hflip=0.5))
+    white = Image.new("RGB", (16, 16), (255, 255, 255))
+    seen = set()
+    for _ in range(20):
+        x = t(white)
+        assert x.shape == (3, 16, 16)
+        seen |= set(x.unique().tolist())
+    assert seen == {2.0, -2.0}, "image pixels (1 - .5) / .25 and black padding (0 - .5) / .25"

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from vitzoo.models.cnn import build_cnn
 from vitzoo.train.population import (
+    CropFlip,
     PopulationMember,
     crop_flip,
     epoch_permutation,
@@ -179,6 +180,11 @@ def test_crop_flip_is_seeded_and_keeps_shape() -> None:
     same = crop_flip(x, torch.Generator().manual_seed(0), pad=0)
     for i in range(2):  # no padding: each sample is the image or its mirror
         assert torch.equal(same[i], x[i]) or torch.equal(same[i], x[i].flip(-1))
+    # The padding is a black pixel in normalised space (torchvision's RandomCrop(fill=0) before Normalize).
+    ones = torch.ones(16, 3, 8, 8)
+    out = crop_flip(ones, torch.Generator().manual_seed(1), pad=2, fill=(-1.0, -2.0, -3.0))
+    for c, v in enumerate((-1.0, -2.0, -3.0)):
+        assert set(out[:, c].unique().tolist()) == {1.0, v}
 
 
 def test_resnet_falls_back_to_one_by_one_with_augmentation() -> None:
@@ -188,7 +194,7 @@ def test_resnet_falls_back_to_one_by_one_with_augmentation() -> None:
     members = [PopulationMember(s, s, "sgd", 0.05, 5e-4, 0.9) for s in (1, 2)]
     got: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     hist = train_population("resnet18", 3, 10, members, x, y, {"test": (x, y)}, 1, 4, "cpu", _collect(got),
-                            schedule="onecycle", augment="crop_flip")
+                            schedule="onecycle", augment=CropFlip(fill=(-1.0,)))
     assert [len(h) for h in hist] == [2, 2]
     assert "layer1.0.bn1.running_mean" in got[(0, 1)]
     init0 = build_cnn("resnet18", 3, 10, seed=1).state_dict()["conv1.weight"]
@@ -216,7 +222,9 @@ def test_adapter_maps_classic_recipes_to_members() -> None:
     assert kw["arch"] == "cnn-s" and kw["in_chans"] == 1 and kw["augment"] is None
     assert kw["schedule"](0, 250_000) == 1.0
     res = expand(load_recipe(classic / "cifar10-resnet18-seed.yaml")).runs[0]
-    assert not unsupported(res) and engine_kwargs(res, 165)["augment"] == "crop_flip"
+    aug = engine_kwargs(res, 165)["augment"]
+    assert not unsupported(res) and (aug.pad, aug.flip) == (4, True)
+    assert aug.fill == pytest.approx([-m / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     seed = member_from_run(expand(load_recipe(classic / "usps-cnn-s-seed.yaml")).runs[0])
     assert (seed.optimizer, seed.lr, seed.weight_decay, seed.init, seed.activation) == ("adam", 3e-4, 1e-3, "U", "tanh")
 

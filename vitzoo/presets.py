@@ -55,19 +55,19 @@ def known_variants() -> list[str]:
 #: intended order.
 AUG_LEVELS: dict[str, dict[str, Any]] = {
     "none": dict(
-        scale=None, hflip=0.0, rand_augment=None, mixup=0.0, cutmix=0.0, re_prob=0.0,
+        scale=None, hflip=0.0, crop_padding=0, rand_augment=None, mixup=0.0, cutmix=0.0, re_prob=0.0,
         label_smoothing=0.0,
     ),
     "light": dict(
-        scale=[0.6, 1.0], hflip=0.5, rand_augment=None, mixup=0.0, cutmix=0.0, re_prob=0.0,
+        scale=[0.6, 1.0], hflip=0.5, crop_padding=0, rand_augment=None, mixup=0.0, cutmix=0.0, re_prob=0.0,
         label_smoothing=0.0,
     ),
     "medium": dict(
-        scale=[0.35, 1.0], hflip=0.5, rand_augment="rand-m9-mstd0.5-inc1", mixup=0.2, cutmix=0.0,
+        scale=[0.35, 1.0], hflip=0.5, crop_padding=0, rand_augment="rand-m9-mstd0.5-inc1", mixup=0.2, cutmix=0.0,
         re_prob=0.0, label_smoothing=0.1,
     ),
     "strong": dict(
-        scale=[0.08, 1.0], hflip=0.5, rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0,
+        scale=[0.08, 1.0], hflip=0.5, crop_padding=0, rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0,
         re_prob=0.25, label_smoothing=0.1,
     ),
 }

@@ -214,6 +214,10 @@ class AugConfig:
     scale: list[float] | None = None
     """RandomResizedCrop scale range; null = plain resize."""
     hflip: float | None = None
+    """Probability of a horizontal flip."""
+    crop_padding: int | None = None
+    """Random crop of the image size after zero-padding (black) by this many pixels on every side, the
+    CIFAR recipe (``RandomCrop(32, padding=4)``); 0 = off. An alternative to ``scale``, not a companion."""
     rand_augment: str | None = None
     """timm RandAugment config string, e.g. ``rand-m9-mstd0.5-inc1``."""
     mixup: float | None = None
@@ -239,6 +243,11 @@ class AugConfig:
             v = getattr(self, k)
             if v is not None and v < 0:
                 raise ValueError(f"{k} must be >= 0; got {v}")
+        if self.crop_padding is not None and not (isinstance(self.crop_padding, int) and self.crop_padding >= 0):
+            raise ValueError(f"crop_padding must be an integer >= 0 (pixels); got {self.crop_padding!r}")
+        if self.crop_padding and self.scale is not None:
+            raise ValueError(f"crop_padding ({self.crop_padding}) and scale ({self.scale}) are two different random "
+                             "crops; set one (scale: null for the padded crop)")
         if self.scale is not None and not (len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1):
             raise ValueError(f"scale must be [lo, hi] with 0 < lo <= hi <= 1; got {self.scale}")
         if self.rand_augment is not None and not self.rand_augment.startswith("rand"):

@@ -61,6 +61,8 @@ def train_transform(pp: Preprocessing, aug: AugConfig):
     """timm's training transform for an augmentation level; plain eval transform for level none."""
     if _is_plain(aug):
         return eval_transform(pp)
+    if aug.crop_padding:
+        return _padded_crop_transform(pp, aug)
     scale = tuple(aug.scale) if aug.scale else (1.0, 1.0)
     ratio = (3 / 4, 4 / 3) if aug.scale else (1.0, 1.0)
     return create_transform(
@@ -68,6 +70,25 @@ def train_transform(pp: Preprocessing, aug: AugConfig):
         auto_augment=aug.rand_augment, interpolation=pp.interpolation, mean=pp.mean, std=pp.std,
         re_prob=aug.re_prob or 0.0, re_mode="pixel", re_count=1,
     )
+
+
+def _padded_crop_transform(pp: Preprocessing, aug: AugConfig):
+    """The CIFAR recipe: eval-size image, random crop after black padding, flip, (RandAugment), normalise,
+    (random erasing); timm's own pieces where it has them."""
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.random_erasing import RandomErasing
+    from torchvision import transforms as T
+
+    base = eval_transform(pp).transforms[:-2]  # resize + centre crop (ToTensor and Normalize follow below)
+    ops = [*base, T.RandomCrop(pp.img_size, padding=aug.crop_padding, fill=0)]
+    if aug.hflip:
+        ops.append(T.RandomHorizontalFlip(aug.hflip))
+    if aug.rand_augment:
+        ops.append(rand_augment_transform(aug.rand_augment, {"img_mean": tuple(round(255 * m) for m in pp.mean)}))
+    ops += [T.ToTensor(), T.Normalize(pp.mean, pp.std)]
+    if aug.re_prob:
+        ops.append(RandomErasing(aug.re_prob, mode="pixel", max_count=1, device="cpu"))
+    return T.Compose(ops)
 
 
 class ImageSet(Dataset):
@@ -161,4 +182,4 @@ def train_loader(cache: DataCache, cfg: DataConfig, pp: Preprocessing, aug: AugC
 
 
 def _is_plain(aug: AugConfig) -> bool:
-    return not aug.scale and not aug.hflip and not aug.rand_augment and not aug.re_prob
+    return not aug.scale and not aug.hflip and not aug.rand_augment and not aug.re_prob and not aug.crop_padding

@@ -182,13 +182,31 @@ def lr_factor(schedule: Schedule, step: int, total: int) -> float:
     raise ValueError(f"unknown schedule {schedule!r}; allowed: constant, cosine, onecycle or a callable")
 
 
-def crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
-    """Random crop (zero padding ``pad``) + horizontal flip per sample, on x's device, no host sync."""
-    b, _, h, w = x.shape
+@dataclass(frozen=True)
+class CropFlip:
+    """Device-side training augmentation of the CIFAR recipe (applied by :func:`crop_flip`)."""
+
+    pad: int = 4
+    """Random crop of the original size after padding every side by ``pad`` pixels (0 = no crop)."""
+    flip: bool = True
+    """Horizontal flip with probability 0.5."""
+    fill: tuple[float, ...] = (0.0,)
+    """Padding value per channel, in the (normalised) input space: the value of a black pixel,
+    ``-mean / std``, reproduces ``RandomCrop(padding=pad, fill=0)`` applied before normalisation."""
+
+
+def crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True,
+              fill: Sequence[float] = (0.0,)) -> Tensor:
+    """Random crop (padding ``pad`` filled with ``fill`` per channel) + horizontal flip per sample, on
+    x's device, no host sync. The generator draws the offsets then the flips, whatever is switched off."""
+    b, c, h, w = x.shape
     dev = x.device
-    xp = F.pad(x, (pad, pad, pad, pad))
+    xp = x.new_empty(b, c, h + 2 * pad, w + 2 * pad)
+    xp[:] = torch.as_tensor(fill, dtype=x.dtype, device=dev).expand(c).view(1, c, 1, 1)
+    xp[:, :, pad:pad + h, pad:pad + w] = x
     off = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator, device=generator.device).to(dev)
-    flip = torch.rand(b, generator=generator, device=generator.device).to(dev) < 0.5
+    flip_draw = torch.rand(b, generator=generator, device=generator.device).to(dev)
+    flip = flip_draw < (0.5 if flip else 0.0)
     rows = off[:, 0:1] + torch.arange(h, device=dev)  # (b, h)
     cols = off[:, 1:2] + torch.arange(w, device=dev)  # (b, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols)
@@ -550,11 +568,11 @@ def _evaluate_one(model: nn.Module, x: Tensor, y: Tensor, chunk: int) -> tuple[f
 def train_one(arch: str, in_chans: int, num_classes: int, member: PopulationMember, train_x: Tensor,
               train_y: Tensor, evals: EvalSets, epochs: int, batch_size: int, device: str | torch.device | None = None,
               on_epoch: OnEpoch | None = None, schedule: Schedule = "constant", index: int = 0,
-              augment: str | None = None, dropout_seed: int = 0, eval_batch_size: int = 1000,
+              augment: CropFlip | None = None, dropout_seed: int = 0, eval_batch_size: int = 1000,
               store: SnapshotStore | None = None, stop_after_epoch: int | None = None) -> list[dict[str, Any]]:
     """The plain reference loop: one model, ``torch.optim`` and an ``nn.Module``, same semantics.
 
-    ``augment="crop_flip"`` applies :func:`crop_flip` on the device with a generator seeded per
+    ``augment`` (a :class:`CropFlip`) applies :func:`crop_flip` on the device with a generator seeded per
     (data_seed, epoch). Dropout (and nothing else) uses the global RNG, seeded per model inside a
     forked RNG state, so the caller's RNG is untouched. With a ``store`` the model resumes from
     its snapshot and writes one after every epoch (P = 1: the same format as a vectorised group).
@@ -604,9 +622,9 @@ def train_one(arch: str, in_chans: int, num_classes: int, member: PopulationMemb
                 for s in range(steps):
                     idx = perm[s * batch_size:(s + 1) * batch_size]
                     x, y = train_x[idx], train_y[idx]
-                    if augment == "crop_flip":
+                    if augment is not None:
                         assert gen is not None
-                        x = crop_flip(x, gen)
+                        x = crop_flip(x, gen, augment.pad, augment.flip, augment.fill)
                     opt.zero_grad(set_to_none=True)
                     logits = model(x)
                     loss = F.cross_entropy(logits, y)
@@ -668,7 +686,7 @@ def _load_one(model: nn.Module, opt: torch.optim.Optimizer, snap: Snapshot) -> N
 def train_one_by_one(arch: str, in_chans: int, num_classes: int, members: Sequence[PopulationMember],
                      train_x: Tensor, train_y: Tensor, evals: EvalSets, epochs: int, batch_size: int,
                      device: str | torch.device | None = None, on_epoch: OnEpoch | None = None,
-                     schedule: Schedule = "constant", augment: str | None = None, dropout_seed: int = 0,
+                     schedule: Schedule = "constant", augment: CropFlip | None = None, dropout_seed: int = 0,
                      eval_batch_size: int = 1000) -> list[list[dict[str, Any]]]:
     """Train ``members`` sequentially with :func:`train_one` (the baseline and the ResNet path)."""
     dev = _resolve_device(device)
@@ -685,7 +703,7 @@ def train_population(arch: str, in_chans: int, num_classes: int, members: Sequen
                      train_x: Tensor, train_y: Tensor, evals: EvalSets, epochs: int, batch_size: int,
                      device: str | torch.device | None = None, on_epoch: OnEpoch | None = None,
                      schedule: Schedule = "constant", mode: str = "auto", max_population: int | None = None,
-                     augment: str | None = None, dropout_seed: int = 0, eval_memory_bytes: int = 256 << 20,
+                     augment: CropFlip | None = None, dropout_seed: int = 0, eval_memory_bytes: int = 256 << 20,
                      min_population: int | None = None, checkpoints: SnapshotStore | None = None,
                      stop_after_epoch: int | None = None) -> list[list[dict[str, Any]]]:
     """Train ``members`` (one architecture) and return each member's per-epoch metrics.

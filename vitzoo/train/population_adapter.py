@@ -19,8 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from vitzoo.data.pipeline import preprocessing_for
 from vitzoo.plan import RunSpec, population_key, populations
-from vitzoo.train.population import PopulationMember, lr_factor
+from vitzoo.train.population import CropFlip, PopulationMember, lr_factor
 
 #: Optimizer names of the recipes the engine implements, and its name for them.
 OPTIMIZERS = {"adam": "adam", "sgd": "sgd"}
@@ -49,6 +50,8 @@ def unsupported(run: RunSpec) -> list[str]:
         out.append("augmentation beyond flip / crop (RandAugment, mixup, cutmix, erasing, smoothing, resized crop)")
     if (a.hflip or 0) not in (0.0, 0.5):
         out.append(f"hflip {a.hflip} (the engine's crop_flip flips with probability 0.5)")
+    if c.data.crop_pct != 1.0 and (a.crop_padding or a.hflip):
+        out.append(f"crop_pct {c.data.crop_pct} with augmentation (the engine augments the eval-size tensors)")
     if c.precision in ("bf16", "fp16"):
         out.append(f"precision {c.precision} (the engine trains in fp32)")
     return out
@@ -96,6 +99,10 @@ def engine_kwargs(run: RunSpec, steps_per_epoch: int) -> dict[str, Any]:
     c = run.config
     assert c.model is not None
     a = c.aug
-    augment = "crop_flip" if c.model.variant == "resnet18" and (a.hflip or 0) > 0 else None
+    augment = None
+    if a.crop_padding or a.hflip:  # RandomCrop(padding, fill=black) + flip, on the device
+        pp = preprocessing_for(c.data, c.model.resolved_img_size)
+        augment = CropFlip(pad=a.crop_padding or 0, flip=bool(a.hflip),
+                           fill=tuple(-m / s for m, s in zip(pp.mean, pp.std, strict=True)))
     return {"arch": c.model.variant, "in_chans": c.data.channels, "epochs": c.epochs, "batch_size": c.batch_size,
             "schedule": schedule_for(run, steps_per_epoch), "augment": augment}
