@@ -101,15 +101,26 @@ def test_seed_zoo_settings(ds: str) -> None:
 
 
 def test_val_carve_sizes_match_the_reference() -> None:
-    """datasets' train_test_split takes ceil(val_fraction * n) for val: these give the reference splits."""
-    import math
+    sizes = {"mnist": 10_000, "fmnist": 10_000, "svhn": 13_257, "usps": 1_291, "cifar10": 8_000, "stl10": 800,
+             "cifar100": 5_000, "tinyimagenet": 10_000}
+    for ds, val in sizes.items():
+        paths = list(CLASSIC.glob(f"{ds}-*.yaml"))
+        assert paths, ds
+        for path in paths:
+            assert load_recipe(path).stages[0].data.val_size == val, path.name
 
-    sizes = {"mnist": (60_000, 10_000), "fmnist": (60_000, 10_000), "svhn": (73_257, 13_257),
-             "usps": (7_291, 1_291), "cifar10": (50_000, 8_000), "stl10": (5_000, 800)}
-    for ds, (n, val) in sizes.items():
-        for path in CLASSIC.glob(f"{ds}-cnn-*.yaml"):
-            frac = load_recipe(path).stages[0].data.val_fraction
-            assert math.ceil(frac * n) == val, path.name
+
+def test_val_size_carves_exactly() -> None:
+    """``val_size`` is an exact count (datasets' train_test_split with an int), and too large a value
+    names the key and the split."""
+    from vitzoo.data.sources import DataError, load_splits
+    from vitzoo.recipe import DataConfig
+
+    default = load_splits(DataConfig(source="builtin:digits"))
+    d = load_splits(DataConfig(source="builtin:digits", val_size=97))
+    assert len(d.val) == 97 and len(d.train) + len(d.val) == len(default.train) + len(default.val)
+    with pytest.raises(DataError, match=r"data\.val_size: 100000 .*builtin:digits:train"):
+        load_splits(DataConfig(source="builtin:digits", val_size=100_000))
 
 
 def test_hyp_grids() -> None:

@@ -61,6 +61,7 @@ def _bad(mutate, match: str, tmp_path: Path) -> None:
         (lambda d: d["stages"]["pretrain"].update(aug={"level": "light", "crop_padding": 4}),
          r"aug: crop_padding \(4\) and scale .* set one"),
         (lambda d: d["stages"]["pretrain"].update(aug={"crop_padding": -1}), r"crop_padding must be an integer >= 0"),
+        (lambda d: d["stages"]["pretrain"]["data"].update(val_size=0), r"data: val_size must be an integer >= 1"),
         (lambda d: d["stages"]["pretrain"].update(aug="extreme"), r"unknown aug level 'extreme'; allowed: none, light"),
         (lambda d: d["stages"]["finetune"]["finetune"].update(parent_stage="pre"), r"parent_stage 'pre' is not an earlier stage"),
         (lambda d: d["stages"]["finetune"]["finetune"].update(parent_epoch=7), r"parent_epoch 7 is not saved"),

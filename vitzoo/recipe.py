@@ -45,10 +45,14 @@ class DataConfig:
     """Hub dataset configuration name (``datasets.load_dataset(id, config)``)."""
     train_split: str = "train"
     val_split: str | None = None
-    """Validation split; when None, ``val_fraction`` of train is carved off deterministically."""
+    """Validation split; when None, ``val_size`` (or ``val_fraction``) of train is carved off deterministically."""
     test_split: str | None = "test"
     """Held-out split, reported only: never used for model selection."""
     val_fraction: float = 0.1
+    """Fraction of train carved off as validation (rounded up) when there is no ``val_split``."""
+    val_size: int | None = None
+    """Exact number of validation samples carved from train (the reference splits: 10,000 of MNIST's
+    60,000); overrides ``val_fraction``."""
     split_seed: int = 42
     """Seed of the train/val carve (the reference zoos use 42)."""
     image_column: str = "image"
@@ -74,7 +78,9 @@ class DataConfig:
         if self.source.startswith("builtin:") and self.source[8:] not in ("digits", "shapes"):
             raise ValueError(f"unknown builtin dataset {self.source!r}; allowed: builtin:digits, builtin:shapes")
         _check_range("val_fraction", self.val_fraction, 0.0, 0.9)
-        if self.val_split is None and self.val_fraction <= 0:
+        if self.val_size is not None and not (isinstance(self.val_size, int) and self.val_size >= 1):
+            raise ValueError(f"val_size must be an integer >= 1 (samples); got {self.val_size!r}")
+        if self.val_split is None and self.val_fraction <= 0 and self.val_size is None:
             raise ValueError("no val_split and val_fraction is 0: a validation split is required")
         if not 0.1 <= self.crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in [0.1, 1]; got {self.crop_pct}")

@@ -120,7 +120,11 @@ def _split(dd: datasets.DatasetDict, cfg: DataConfig, name: str) -> SplitData:
     if cfg.val_split is not None:
         val = get(cfg.val_split, "val_split")
     else:  # deterministic carve: the same split for every model of the zoo
-        parts = train.train_test_split(test_size=cfg.val_fraction, seed=cfg.split_seed, shuffle=True)
+        if cfg.val_size is not None and cfg.val_size >= len(train):
+            raise DataError(f"data.val_size: {cfg.val_size} validation samples requested from a train split of "
+                            f"{len(train)} ({cfg.source}:{cfg.train_split})")
+        size = cfg.val_size if cfg.val_size is not None else cfg.val_fraction
+        parts = train.train_test_split(test_size=size, seed=cfg.split_seed, shuffle=True)
         train, val = parts["train"], parts["test"]
     test = get(cfg.test_split, "test_split") if cfg.test_split is not None else None
     if cfg.max_train_samples is not None and len(train) > cfg.max_train_samples:
