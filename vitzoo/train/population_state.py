@@ -39,7 +39,7 @@ import safetensors
 import torch
 from torch import Tensor
 
-from vitzoo.zoo.io import discard_temp_files, save_safetensors
+from vitzoo.zoo.io import save_safetensors
 
 
 @dataclass
@@ -80,9 +80,10 @@ class SnapshotStore:
         self.folder = Path(folder)
         self._index: dict[str, _Entry] = {}
         self._files: dict[Path, list[str]] = {}
+        # Temp files of killed writes are swept by `generate` (process 0, before training): here they may
+        # be another process's write in flight.
         if not self.folder.is_dir():
             return
-        discard_temp_files(self.folder)
         for p in sorted(self.folder.glob("*.safetensors")):
             try:
                 with safetensors.safe_open(str(p), "pt") as f:
