@@ -134,6 +134,10 @@ def _train_stage(stage, runs, ctx) -> Iterator[dict[str, Any]]:
         from vitzoo.train.classic import train_stage
 
         return train_stage(runs, ctx)
+    if stage.finetune is not None:  # ViT fine-tunes (parents are ViTs): populations where they pay, else per run
+        from vitzoo.train.vit_population import train_stage as train_finetune_stage
+
+        return train_finetune_stage(runs, ctx)
     from vitzoo.train.loop import train_run
 
     return (train_run(spec, ctx) for spec in runs)
