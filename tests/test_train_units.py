@@ -14,7 +14,7 @@ from vitzoo.train.loop import lr_schedule, make_optimizer
 
 
 @pytest.mark.parametrize("name", list(presets.OPTIMIZERS))
-def test_every_optimizer_preset_builds_and_steps(name: str) -> None:
+def test_every_optimizer_preset_builds_and_steps(name: str, tmp_path) -> None:
     arch, args = vit.vit_args(ModelConfig(variant="micro", img_size=16), 3)
     net = vit.create(arch, args, 4, seed=0)
     opt = make_optimizer(net, StageConfig(model=ModelConfig(variant="micro"), optimizer=OptimizerConfig(name=name)))
@@ -26,6 +26,30 @@ def test_every_optimizer_preset_builds_and_steps(name: str) -> None:
     if name == "sgd":
         assert type(opt).__name__ == "SGD" and opt.param_groups[0]["momentum"] == 0.9
         assert not opt.param_groups[0]["nesterov"], "the reference zoos use plain momentum SGD"
+    # Its state survives the resume file (timm's Lamb keeps a tensor in its param groups).
+    from vitzoo.zoo.writer import RunWriter
+
+    w = RunWriter(tmp_path, "run-x")
+    w.save_history([])
+    w.save_resume(1, net.state_dict(), opt.state_dict(), {})
+    fresh = make_optimizer(net, StageConfig(model=ModelConfig(variant="micro"), optimizer=OptimizerConfig(name=name)))
+    fresh.load_state_dict(w.load_resume()[2])
+    _same(fresh.state_dict(), opt.state_dict())
+
+
+def _same(a, b) -> None:
+    if isinstance(a, dict):
+        assert set(a) == set(b)
+        for k in a:
+            _same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _same(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
 
 
 def _lr(name: str, warmup: str, epochs: int = 10, steps: int = 10, floor: float = 0.0):

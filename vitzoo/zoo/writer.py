@@ -89,7 +89,7 @@ class RunWriter:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         model = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
-        opt = _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("opt/")},
+        opt = _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith(("opt/", "optgroup/"))},
                                    json.loads(meta["optimizer"]))
         return int(meta["epoch"]), model, opt, json.loads(meta["extra"])
 
@@ -157,14 +157,22 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
                 tensors[f"opt/{idx}/{k}"] = v
             else:
                 scalars.setdefault(str(idx), {})[k] = v
-    return tensors, {"param_groups": state.get("param_groups", []), "scalars": scalars}
+    groups = []
+    for g, group in enumerate(state.get("param_groups", [])):  # some optimizers (timm's Lamb) keep tensors here
+        groups.append({k: v for k, v in group.items() if not isinstance(v, torch.Tensor)})
+        tensors.update({f"optgroup/{g}/{k}": v for k, v in group.items() if isinstance(v, torch.Tensor)})
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
+    groups = [dict(g) for g in meta["param_groups"]]
     for key, v in tensors.items():
-        _, idx, name = key.split("/", 2)
-        state.setdefault(int(idx), {})[name] = v
+        kind, idx, name = key.split("/", 2)
+        if kind == "optgroup":
+            groups[int(idx)][name] = v
+        else:
+            state.setdefault(int(idx), {})[name] = v
     for idx, d in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(d)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    return {"state": state, "param_groups": groups}
