@@ -90,6 +90,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from vitzoo.models.cnn import build_cnn
+from vitzoo.train import functional_optim as fopt
 from vitzoo.train.population_state import Snapshot, SnapshotStore, rng_state, set_rng_state
 
 Schedule = str | Callable[[int, int], float]
@@ -393,8 +394,7 @@ class _Population:
         okf = ok.to(torch.float32)
         if self.clip is not None:  # torch.nn.utils.clip_grad_norm_(foreach=False), per model
             norms = torch.stack([torch.linalg.vector_norm(grads[n].flatten(1), 2, dim=1) for n in self.names])
-            total_norm = torch.linalg.vector_norm(norms, 2, dim=0)
-            g = g * torch.clamp(self.clip / (total_norm + 1e-6), max=1.0)[:, None]
+            g = g * fopt.clip_coefficients(norms, self.clip)[:, None]
         b = x.shape[1]
         self.run_loss += torch.where(ok, loss.double() * b, 0.0)
         self.run_correct += torch.where(ok, correct, 0)
@@ -408,18 +408,9 @@ class _Population:
                 g = g + self.wd[:, None] * p
             g = torch.where(ok[:, None], g, torch.zeros((), dtype=g.dtype, device=g.device))
             if self.optimizer == "adam":  # torch.optim.Adam, single-tensor path, op for op
-                b1, b2 = self.betas
-                m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                bc1 = 1 - b1**t
-                bc2_sqrt = (1 - b2**t) ** 0.5
-                denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-                p.sub_((lr / bc1)[:, None] * (m / denom))
+                fopt.adam_(p, g, self.state["exp_avg"], self.state["exp_avg_sq"], lr, t, self.betas, self.eps)
             else:  # torch.optim.SGD(momentum, dampening=0, nesterov=False)
-                buf = self.state["momentum_buffer"]
-                buf.mul_(self.mom[:, None]).add_(g)
-                p.sub_(lr[:, None] * buf)
+                fopt.sgd_(p, g, self.state["momentum_buffer"], lr, self.mom)
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor, chunk: int) -> tuple[Tensor, Tensor]:

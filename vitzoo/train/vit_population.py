@@ -86,6 +86,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from vitzoo.data.pipeline import train_loader
 from vitzoo.plan import RunSpec, canonical_json, population_key
+from vitzoo.train import functional_optim as fopt
 from vitzoo.train.loop import (
     Built,
     RunContext,
@@ -586,8 +587,7 @@ class _Population:
         g = torch.cat([grads[n].flatten(1) for n in self.layout], 1)
         if self.clip is not None:  # clip_grad_norm_: per-parameter norms, their norm, one coefficient per model
             norms = torch.stack([torch.linalg.vector_norm(grads[n].flatten(1), 2, dim=1) for n in self.norm_order])
-            total_norm = torch.linalg.vector_norm(norms, 2, dim=0)
-            coef = torch.clamp(self.clip / (total_norm + 1e-6), max=1.0)
+            coef = fopt.clip_coefficients(norms, self.clip)
             g = g * torch.where(self.has_clip, coef, torch.ones_like(coef))[:, None]
         del grads
         ok = self.alive
@@ -598,24 +598,14 @@ class _Population:
         p, d = self.flat, self.dec_off
         with torch.no_grad():
             if self.kind == "adamw":
-                if self.any_wd:  # param.mul_(1 - lr * weight_decay), decayed parameters only
-                    p[:, d:].mul_((1 - lr * self.wd64).float()[:, None])
+                if self.any_wd:  # decayed parameters only (timm's groups: not biases, norms, embeddings)
+                    fopt.decay_(p[:, d:], lr, self.wd64)
             elif self.any_wd:  # coupled: grad = grad.add(param, alpha=weight_decay)
                 g[:, d:] = g[:, d:] + self.wd32[:, None] * p[:, d:]
             if self.kind in ("adam", "adamw"):  # torch.optim.Adam(W), single-tensor path
-                b1, b2 = self.betas
-                m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                bc1 = 1 - b1**t
-                bc2_sqrt = (1 - b2**t) ** 0.5
-                denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-                p.add_((-(lr / bc1)).float()[:, None] * m / denom)  # param.addcdiv_(exp_avg, denom, value=-step_size)
+                fopt.adam_(p, g, self.state["exp_avg"], self.state["exp_avg_sq"], lr, t, self.betas, self.eps)
             else:  # torch.optim.SGD(momentum, dampening=0[, nesterov])
-                buf = self.state["momentum_buffer"]
-                buf.mul_(self.mom[:, None]).add_(g)
-                upd = g + self.mom[:, None] * buf if self.nesterov else buf
-                p.add_((-lr).float()[:, None] * upd)
+                fopt.sgd_(p, g, self.state["momentum_buffer"], lr, self.mom, self.nesterov)
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
