@@ -126,10 +126,10 @@ INDEX_REFRESH_S = 60.0
 
 def _train_stage(stage, runs, ctx) -> Iterator[dict[str, Any]]:
     """This process's runs of one stage, trained by the engine that fits; yields each run.json."""
-    if stage.sparsify is not None:  # sparsified twins: one variational-dropout run per parent
-        from vitzoo.train.sparsify import train_sparsify_run
+    if stage.sparsify is not None:  # sparsified twins: CNN-s/CNN-m twins as populations, the rest one by one
+        from vitzoo.train.sparsify_population import train_sparsify_stage
 
-        return (train_sparsify_run(spec, ctx) for spec in runs)
+        return train_sparsify_stage(runs, ctx)
     if stage.model is not None and not stage.model.is_vit:  # classic CNN stages: populations
         from vitzoo.train.classic import train_stage
 

@@ -26,6 +26,13 @@ Like :mod:`vitzoo.train.loop`: the data order is a function of ``(data_seed, epo
 re-seeded per epoch, state (weights, ``log_sigma2``, optimizer) is saved after every epoch and a
 killed run resumes after its last finished epoch; a non-finite loss stops the run as ``diverged``
 with its last good state.
+
+This module trains one twin at a time (:func:`train_sparsify_run`): the reference loop, and the path of
+ResNet-18 and ViT twins. Twins of CNN-s / CNN-m parents are trained many at once by
+:mod:`vitzoo.train.sparsify_population` with the same semantics and the same files, built from the
+pieces here (:func:`prepare_twin`, :func:`write_epoch0`, :func:`history_row`, :func:`finish_twin`).
+``noise=False`` (tests only) replaces the Gaussian sample of the local reparameterisation by its mean
+in both, which makes training deterministic and the two engines comparable to float tolerance.
 """
 
 from __future__ import annotations
@@ -33,13 +40,15 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitzoo.data.pipeline import EpochSampler, preprocessing_for
+from vitzoo.data.pipeline import EpochSampler, Preprocessing, preprocessing_for
+from vitzoo.data.sources import SplitData
 from vitzoo.plan import RunSpec
 from vitzoo.recipe import StageConfig
 from vitzoo.train.loop import (
@@ -87,11 +96,20 @@ def kl_ramp(epoch: int, epochs: int) -> float:
     return min(1.0, 0.01 * epoch / epochs)
 
 
+def _noise_like(mu: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) of ``mu``'s shape, laid out contiguously: the same values as ``randn_like`` for a contiguous
+    ``mu``, and 4x faster under vmap, whose batched conv outputs are strided (normal_ has no fast path there)."""
+    return torch.randn_like(mu, memory_format=torch.contiguous_format)
+
+
 class _VDMixin:
     """Shared by the variational-dropout Conv2d/Linear (modules are re-classed in place)."""
 
     log_sigma2: nn.Parameter
     vd_threshold: float
+    vd_noise: bool = True
+    """False: training uses the mean of the local reparameterisation (no Gaussian sample). Tests only:
+    it makes training deterministic, so the population engine can be proven equal to this one."""
     weight: nn.Parameter
 
     def log_alpha(self) -> torch.Tensor:
@@ -111,8 +129,10 @@ class VDConv2d(_VDMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.training:
             mu = self._conv_forward(x, self.weight, self.bias)
+            if not self.vd_noise:
+                return mu
             var = self._conv_forward(x * x, torch.exp(self.log_sigma2), None)
-            return mu + torch.sqrt(var + VAR_EPS) * torch.randn_like(mu)
+            return mu + torch.sqrt(var + VAR_EPS) * _noise_like(mu)
         return self._conv_forward(x, self.weight * self.keep_mask(), self.bias)
 
 
@@ -122,8 +142,10 @@ class VDLinear(_VDMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.training:
             mu = F.linear(x, self.weight, self.bias)
+            if not self.vd_noise:
+                return mu
             var = F.linear(x * x, torch.exp(self.log_sigma2))
-            return mu + torch.sqrt(var + VAR_EPS) * torch.randn_like(mu)
+            return mu + torch.sqrt(var + VAR_EPS) * _noise_like(mu)
         return F.linear(x, self.weight * self.keep_mask(), self.bias)
 
 
@@ -131,12 +153,13 @@ _VD_CLASSES: dict[type, type] = {nn.Conv2d: VDConv2d, nn.Linear: VDLinear}
 
 
 def attach_variational_dropout(net: nn.Module, log_sigma2_init: float = -10.0,
-                               threshold: float = 3.0) -> dict[str, _VDMixin]:
+                               threshold: float = 3.0, noise: bool = True) -> dict[str, _VDMixin]:
     """Give every ``nn.Conv2d`` / ``nn.Linear`` of ``net`` (exact types) a ``log_sigma2``, in place.
 
     The modules are re-classed to :class:`VDConv2d` / :class:`VDLinear`: names, weights and biases
     are untouched, ``<module>.log_sigma2`` is added. Returns the sparsified modules by name.
-    Subclasses (e.g. torch's quantizable attention projections) are left alone.
+    Subclasses (e.g. torch's quantizable attention projections) are left alone. ``noise=False``
+    (tests only) trains on the mean of the local reparameterisation, see ``_VDMixin.vd_noise``.
     """
     out: dict[str, _VDMixin] = {}
     for name, m in net.named_modules():
@@ -146,6 +169,7 @@ def attach_variational_dropout(net: nn.Module, log_sigma2_init: float = -10.0,
         m.__class__ = cls
         m.register_parameter("log_sigma2", nn.Parameter(torch.full_like(m.weight, float(log_sigma2_init))))
         m.vd_threshold = float(threshold)
+        m.vd_noise = bool(noise)
         out[name] = m  # type: ignore[assignment]
     if not out:
         raise ValueError(f"{type(net).__name__} has no Conv2d/Linear layer to sparsify")
@@ -177,17 +201,38 @@ def sparsity_ratio(state: dict[str, torch.Tensor], weight_keys: list[str]) -> fl
 # --------------------------------------------------------------------------- one twin
 
 
-def train_sparsify_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
-    """Train the sparsified twin ``spec`` into ``<zoo>/models/<run_id>``; returns its run.json content."""
-    writer = RunWriter(ctx.zoo_root, spec.run_id)
-    if writer.is_finished():
-        return json.loads((writer.folder / "run.json").read_text())
+@dataclass
+class Twin:
+    """One twin ready to train: its parent, data, network (variational dropout attached) and optimizer.
+
+    Shared by :func:`train_sparsify_run` and the population engine
+    (:mod:`vitzoo.train.sparsify_population`), which uses ``net`` and ``optimizer`` as the twin's
+    on-disk resume format: both engines read and write the same ``.partial/resume.safetensors``.
+    """
+
+    spec: RunSpec
+    writer: RunWriter
+    pcfg: dict[str, Any]
+    parent_state: dict[str, torch.Tensor]
+    data: SplitData
+    pp: Preprocessing
+    net: nn.Module
+    modules: dict[str, _VDMixin]
+    weight_keys: list[str]
+    """The Conv2d/Linear weights (what ``sparsity_ratio`` counts)."""
+    built: Built
+    optimizer: torch.optim.Optimizer
+
+
+def prepare_twin(spec: RunSpec, ctx: RunContext, *, noise: bool = True,
+                 parent: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None) -> Twin:
+    """Load the parent of ``spec`` (or take ``parent = (config.json, state)``), check it fits the stage's
+    data, attach variational dropout and build the optimizer. The network is on ``ctx.device``."""
     cfg = spec.config
     sp = cfg.sparsify
     if sp is None or spec.parent_id is None:
         raise ValueError(f"{spec.run_id}: not a sparsification run (no `sparsify` section or no parent)")
-    t_start = time.time()
-    pcfg, parent_state = load_parent(spec, ctx)
+    pcfg, parent_state = parent if parent is not None else load_parent(spec, ctx)
     data = ctx.cache.splits(cfg.data)
     num_classes = int(pcfg["num_classes"])
     if data.num_classes != num_classes:
@@ -197,34 +242,81 @@ def train_sparsify_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     if args.get("in_chans", 3) != cfg.data.channels:
         raise ValueError(f"stages.{spec.stage}.data.channels={cfg.data.channels} but the parent model takes "
                          f"{args.get('in_chans')} channels")
-    img_size = int(pcfg.get("pretrained_cfg", {}).get("input_size", [0, 0, args.get("img_size", 224)])[-1])
-    pp = preprocessing_for(cfg.data, img_size)
+    pp = preprocessing_for(cfg.data, parent_img_size(pcfg))
 
     from vitzoo.models import from_config
 
     net = from_config(pcfg)
     net.load_state_dict(parent_state)
     weight_keys = [f"{n}.weight" if n else "weight" for n, m in net.named_modules() if type(m) in _VD_CLASSES]
-    modules = attach_variational_dropout(net, sp.log_sigma2_init, sp.threshold)
+    modules = attach_variational_dropout(net, sp.log_sigma2_init, sp.threshold, noise)
     net = net.to(ctx.device)
     vz = pcfg.get("vitzoo", {})
     built = Built(net, lambda: pruned_state(net, modules), pcfg["architecture"], args, num_classes,
                   int(pcfg.get("num_features", 0)), pp, pcfg.get("label_names") or data.label_names,
                   vz.get("head", "linear"), vz.get("head_hidden"))
+    return Twin(spec, RunWriter(ctx.zoo_root, spec.run_id), pcfg, parent_state, data, pp, net, modules, weight_keys,
+                built, _optimizer(net, cfg))
 
-    x_train, y_train = _on(ctx.cache.eval_tensors(cfg.data, "train", pp), ctx.device)
+
+def parent_img_size(pcfg: dict[str, Any]) -> int:
+    """The input resolution of a parent model, from its config.json."""
+    args = pcfg.get("model_args") or {}
+    return int(pcfg.get("pretrained_cfg", {}).get("input_size", [0, 0, args.get("img_size", 224)])[-1])
+
+
+def write_epoch0(twin: Twin, metrics: dict[str, Any], elapsed_s: float) -> list[dict[str, Any]]:
+    """Epoch 0 of a twin: its parent's state, unchanged, with ``metrics`` (the parent's, unpruned).
+    Saves the state, the history and the resume point; returns the history."""
+    state0 = {k: v.detach().to("cpu", copy=True) for k, v in twin.parent_state.items()}
+    history = [{"epoch": 0, **metrics, "lr": 0.0, "objective_loss": None, "kl": None,
+                "sparsity_ratio": sparsity_ratio(state0, twin.weight_keys)}]
+    twin.writer.save_epoch(0, state0)
+    twin.writer.save_history(history)
+    twin.writer.save_resume(0, twin.net.state_dict(), twin.optimizer.state_dict(), {"elapsed_s": elapsed_s})
+    return history
+
+
+def history_row(epoch: int, metrics: dict[str, Any], lr: float, objective: float, kl: float,
+                state: dict[str, torch.Tensor], weight_keys: list[str]) -> dict[str, Any]:
+    """One epoch's history row: the pruned network's metrics, the last step's lr, the epoch's mean loss
+    and mean KL per step, and the saved state's sparsity."""
+    return {"epoch": epoch, **metrics, "lr": lr, "objective_loss": objective, "kl": kl,
+            "sparsity_ratio": sparsity_ratio(state, weight_keys)}
+
+
+def finish_twin(twin: Twin, ctx: RunContext, last_good: tuple[int, dict[str, torch.Tensor] | None], status: str,
+                wall_s: float) -> dict[str, Any]:
+    """config.json + run.json of a trained twin (the commit point); returns run.json's content."""
+    return finish_run(twin.spec, ctx, twin.writer, twin.built, dataset=twin.data.name, last_good=last_good,
+                      status=status, wall_s=wall_s, precision="float32")
+
+
+def train_sparsify_run(spec: RunSpec, ctx: RunContext, *, noise: bool = True) -> dict[str, Any]:
+    """Train the sparsified twin ``spec`` into ``<zoo>/models/<run_id>``; returns its run.json content.
+
+    ``noise=False`` (tests only) trains without the Gaussian sample of the local reparameterisation.
+    """
+    writer = RunWriter(ctx.zoo_root, spec.run_id)
+    if writer.is_finished():
+        return json.loads((writer.folder / "run.json").read_text())
+    t_start = time.time()
+    twin = prepare_twin(spec, ctx, noise=noise)
+    cfg, sp, net, modules, optimizer = spec.config, spec.config.sparsify, twin.net, twin.modules, twin.optimizer
+    assert sp is not None
+
+    x_train, y_train = _on(ctx.cache.eval_tensors(cfg.data, "train", twin.pp), ctx.device)
     n_train = x_train.shape[0]
     if n_train == 0:
         raise ValueError(f"{spec.run_id}: the training split is empty")
     drop_last = n_train >= cfg.batch_size
     steps_per_epoch = n_train // cfg.batch_size if drop_last else 1
     sampler = EpochSampler(n_train, spec.data_seed)
-    optimizer = _optimizer(net, cfg)
     lr_at = lr_schedule(cfg, steps_per_epoch)
     saved = set(cfg.saved_epochs())
 
     def evaluate() -> dict[str, Any]:
-        return _evaluate(net, ctx, cfg, pp)
+        return _evaluate(net, ctx, cfg, twin.pp)
 
     restored = restore(ctx, writer, spec, net, optimizer)
     if restored is not None:
@@ -232,7 +324,6 @@ def train_sparsify_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
         t_start -= elapsed
     else:  # epoch 0: the parent's state, unchanged
         start_epoch = 0
-        state0 = {k: v.detach().to("cpu", copy=True) for k, v in parent_state.items()}
         net.eval()
         with torch.no_grad():  # evaluate exactly the saved state (no mask): the parent itself
             for m in modules.values():
@@ -240,13 +331,9 @@ def train_sparsify_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
             metrics = evaluate()
             for m in modules.values():
                 m.vd_threshold = float(sp.threshold)
-        history = [{"epoch": 0, **metrics, "lr": 0.0, "objective_loss": None, "kl": None,
-                    "sparsity_ratio": sparsity_ratio(state0, weight_keys)}]
-        writer.save_epoch(0, state0)
-        writer.save_history(history)
-        writer.save_resume(0, net.state_dict(), optimizer.state_dict(), {"elapsed_s": time.time() - t_start})
+        history = write_epoch0(twin, metrics, time.time() - t_start)
     last_good: tuple[int, dict[str, torch.Tensor] | None] = (
-        start_epoch, built.export() if start_epoch not in saved else None)
+        start_epoch, twin.built.export() if start_epoch not in saved else None)
 
     status = "done"
     bar = progress_bar(ctx, cfg.epochs * steps_per_epoch, spec.run_id, start_epoch * steps_per_epoch)
@@ -289,15 +376,13 @@ def train_sparsify_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
             status = "diverged"
             ctx.log(f"{spec.run_id}: diverged in epoch {epoch}; keeping epoch {last_good[0]}")
             break
-        state = built.export()
-        history.append({"epoch": epoch, **metrics, "lr": optimizer.param_groups[0]["lr"], "objective_loss": objective,
-                        "kl": (total_kl_sum / steps_per_epoch).item(),
-                        "sparsity_ratio": sparsity_ratio(state, weight_keys)})
+        state = twin.built.export()
+        history.append(history_row(epoch, metrics, optimizer.param_groups[0]["lr"], objective,
+                                   (total_kl_sum / steps_per_epoch).item(), state, twin.weight_keys))
         last_good = end_epoch(ctx, writer, epoch, state, saved, history, net, optimizer, t_start)
     if bar is not None:
         bar.close()
-    return finish_run(spec, ctx, writer, built, dataset=data.name, last_good=last_good, status=status,
-                      wall_s=time.time() - t_start, precision="float32")
+    return finish_twin(twin, ctx, last_good, status, time.time() - t_start)
 
 
 # --------------------------------------------------------------------------- helpers

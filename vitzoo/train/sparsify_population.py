@@ -1,0 +1,628 @@
+"""Sparsified twins trained as populations: many variational-dropout twins of CNN-s/CNN-m at once.
+
+Why: a classic zoo's ``sparsify:`` stage trains one twin per parent (1,000+ CNN-s twins at batch size
+10 for 25 epochs). One by one (:func:`vitzoo.train.sparsify.train_sparsify_run`) every step is a
+handful of tiny kernel launches, the situation :mod:`vitzoo.train.population` solves for the main
+training stage. Here the same technique is applied to the twins: the parameters of P twins
+(weights, biases and every ``log_sigma2``) are rows of one flat ``(P, n_params)`` buffer, one
+``torch.func.vmap``-ed ``functional_call`` of the variational-dropout network (the very
+:class:`~vitzoo.train.sparsify.VDConv2d` / :class:`~vitzoo.train.sparsify.VDLinear` modules of the
+one-by-one path) computes every twin's loss and gradients, and a functional optimizer updates all
+of them in a few kernels, with no host sync per step.
+
+Semantics, equal to :func:`~vitzoo.train.sparsify.train_sparsify_run` for each twin:
+
+- start: the parent's state at ``parent_epoch``; ``log_sigma2`` at ``log_sigma2_init``; epoch 0 is
+  the parent's state unchanged, evaluated unpruned;
+- data order: :class:`~vitzoo.data.pipeline.EpochSampler` ``(n_train, data_seed)`` per epoch, batches
+  of ``batch_size`` with the last partial batch dropped (all of the set in one batch if it is smaller);
+- loss per batch: cross-entropy (mean) + ``kl_weight * kl_ramp(epoch, epochs) / N_train * KL`` (per-twin
+  ``kl_weight``); per-twin lr schedule (the stage's, via ``loop.lr_schedule``);
+- optimizer: the twin's own ``torch.optim`` object (built by ``sparsify._optimizer``: weight decay on
+  Conv/Linear weights only) supplies every hyperparameter, and the update is ``torch.optim.Adam`` /
+  ``AdamW`` / ``SGD`` (momentum, optionally Nesterov) as :mod:`vitzoo.train.functional_optim` does it
+  for every population engine (torch's single-tensor maths), with per-twin lr, weight decay per
+  parameter group, momentum and ``clip_grad_norm_`` threshold;
+- pruning (``log alpha >= threshold``), per-epoch evaluation of the pruned network in eval mode on
+  train (first 10,000), val and test, ``sparsity_ratio`` of the saved state, history rows, saved
+  states in the parent's keys with pruned weights exactly 0: the same functions as the one-by-one path;
+- files: each twin has its own :class:`~vitzoo.zoo.writer.RunWriter`; its ``.partial`` resume point
+  (weights with ``log_sigma2``, ``torch.optim`` state dict) is written after every epoch in exactly the
+  one-by-one format, so a twin interrupted on one path resumes on either, per epoch; it is finished
+  (``finish_run``) as soon as its last epoch is written. On disk nothing tells the two paths apart
+  (except ``wall_time_s``: the population's time shared equally among its twins).
+- divergence: a step whose loss or gradient is not finite is not applied and the twin is frozen from
+  then on (a device-side mask: no host sync per step); at the end of the epoch it is recorded as
+  ``diverged`` with its last good state (the previous epoch), finished at once, and the others go on.
+  An evaluation loss that is not finite counts as divergence too, as in the one-by-one path.
+
+Known differences (documented; tested in tests/test_sparsify_population.py):
+
+- Noise: the Gaussian sample of the local reparameterisation (and dropout, if a parent has any) is
+  drawn per twin from one seeded stream (``vmap(randomness="different")``): the global RNG, seeded at
+  every epoch from the epoch and the run ids of the sub-population (forked, so the caller's RNG is
+  untouched). A twin's noise therefore depends on its companions (the sub-population, which depends on
+  the population size chosen for the device), whereas the one-by-one path seeds per twin and epoch
+  (``seed_everything``). Both are reproducible; they are not equal to each other. A population resumed
+  with the same members continues exactly as if never stopped; one resumed with other companions (a
+  diverged or already finished twin dropped, another device) draws other noise from the resume on.
+  ``noise=False`` (tests only) trains on the mean of the local reparameterisation in both paths; then
+  the paths agree at every saved epoch to float tolerance (rtol 1e-4, atol 1e-5).
+- Floating point: vmap lowers the convolutions to grouped ones (another summation order), and loss /
+  metric sums are accumulated in float64: equal to float tolerance, not bitwise. Where training is
+  ill-conditioned (strong KL with large steps, unclipped SGD: max-pool argmax switches and the 1/w KL
+  gradients of weights being pruned) float32 differences grow far beyond that tolerance within an
+  epoch or two, as they do inside the one-by-one path under a 1e-7 perturbation; in float64 the two
+  paths stayed within 1e-8 over 3 epochs on such a case (a check made during development).
+- Divergence is also detected from a non-finite gradient with a finite loss (the one-by-one path sees it
+  one step later, or at evaluation); the recorded last good epoch is normally the same.
+- CUDA is written for (device-side masks, one transfer per epoch) but was not run: no GPU was available.
+
+Populations: twins whose parents share the network shape (architecture, channels, classes, activation,
+dropout) and whose stage settings share data, epochs, batch size, schedule, checkpoints, update rule
+and threshold are grouped (:func:`group_key`); a group is split into balanced sub-populations of at
+most the size that fits the device memory (:func:`_max_population`; at most :data:`CPU_MAX_POPULATION`
+on CPU), halved if one still runs out of memory in its first (probe) step, and split again by resume
+epoch (twins interrupted at different epochs train apart).
+
+What stays one by one (:func:`train_sparsify_stage` routes it to ``train_sparsify_run``): twins of
+ResNet-18 (batchnorm: running statistics under vmap need a functional batchnorm, and an 11M-parameter
+model at batch 128 already fills a device) and of ViTs (large models, the same argument), optimizers
+other than Adam/AdamW/SGD (LAMB, Lion), and in ``auto`` mode groups smaller than
+:data:`MIN_POPULATION` for the device, where the vectorised step is not faster (benchmarks/RESULTS.md,
+"Sparsified twins as populations").
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, grad_and_value, vmap
+
+from vitzoo.data.pipeline import EpochSampler
+from vitzoo.plan import RunSpec, canonical_json
+from vitzoo.train.functional_optim import adam_, clip_coefficients, sgd_
+from vitzoo.train.loop import RunContext, end_epoch, load_parent, lr_schedule, progress_bar, restore
+from vitzoo.train.population import (
+    _eval_chunk,
+    _mix_seed,
+    activation_bytes_per_sample,
+    balanced_chunks,
+    max_population_size,
+)
+from vitzoo.train.sparsify import (
+    TRAIN_EVAL_LIMIT,
+    Twin,
+    finish_twin,
+    history_row,
+    kl_approx,
+    kl_ramp,
+    log_alpha,
+    parent_img_size,
+    prepare_twin,
+    train_sparsify_run,
+    write_epoch0,
+)
+from vitzoo.zoo.writer import RunWriter
+
+#: Parent architectures whose twins are vectorised (plain conv/linear stacks without buffers).
+VECTORISED_ARCHS = ("vitzoo/cnn-s", "vitzoo/cnn-m")
+
+#: Recipe optimizer names the functional update reproduces (timm: Adam, AdamW, SGD momentum / Nesterov).
+OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
+
+#: Smallest group of twins that ``auto`` mode vectorises, per device type. CPU: measured on a shared
+#: 2-core CPU, one thread, CNN-s twins at batch 10 (benchmarks/RESULTS.md, "Sparsified twins as
+#: populations", four runs): per-twin step 4.2-6.2 ms one by one; stacked 7.5-8.6 ms for 1 twin,
+#: 5.4-6.8 at 2, 3.7-4.3 at 4 (1.0-1.2x: within the noise), 2.9-3.5 at 8, 2.5-3.3 at 16. CUDA: not
+#: measured (no GPU was available); 2, like the main population engine, whose tiny CNN steps are
+#: launch-bound there.
+MIN_POPULATION = {"cpu": 8, "cuda": 2}
+
+#: Largest sub-population on CPU: per-twin step 2.5-3.3 ms at 16 twins, 3.2-3.5 at 32, 3.0-3.4 at 64
+#: (same runs): no gain beyond 16 (a twin's activations are ~3x a plain CNN-s's; the step is
+#: memory-bound); balanced chunks of at most 16 are never smaller than 8 for a group of 8 or more.
+CPU_MAX_POPULATION = 16
+
+#: Bytes of activations one vectorised evaluation chunk may use, per device type. On CPU a chunk that
+#: stays in the caches is fastest (measured, 16-64 twins: 53-57 us per twin-sample at 16 MB, 91-96 at
+#: 256 MB; one by one 62); GPUs want large launches.
+EVAL_MEMORY_BYTES = {"cpu": 16 << 20, "cuda": 256 << 20}
+
+#: Domain separation of the noise stream's seed (the population draws per twin from one stream).
+_NOISE_STREAM = 0x5A_7215
+
+
+def unsupported(spec: RunSpec, pcfg: dict[str, Any]) -> list[str]:
+    """Why the twin ``spec`` of a parent with config.json ``pcfg`` cannot be vectorised (empty: it can)."""
+    out = []
+    if pcfg.get("architecture") not in VECTORISED_ARCHS:
+        out.append(f"parent architecture {pcfg.get('architecture')!r} is not one of {', '.join(VECTORISED_ARCHS)}")
+    if spec.config.optimizer.name not in OPTIMIZERS:
+        out.append(f"optimizer {spec.config.optimizer.name!r} (vectorised: {', '.join(OPTIMIZERS)})")
+    return out
+
+
+def group_key(spec: RunSpec, pcfg: dict[str, Any]) -> str:
+    """What twins trained together must share: the network (not its weights), data, duration, schedule,
+    checkpoints, update rule and pruning threshold. Seeds, lr, weight decay, momentum, clipping,
+    ``kl_weight`` and ``log_sigma2_init`` vary within a population."""
+    c = spec.config
+    assert c.sparsify is not None
+    args = {k: v for k, v in (pcfg.get("model_args") or {}).items() if k != "init"}  # weights come from the parent
+    return canonical_json([
+        spec.stage, pcfg["architecture"], args, int(pcfg["num_classes"]), parent_img_size(pcfg),
+        dataclasses.asdict(c.data), c.epochs, c.batch_size, dataclasses.asdict(c.schedule), c.saved_epochs(),
+        c.optimizer.name, c.sparsify.threshold,
+    ])
+
+
+def train_sparsify_stage(runs: list[RunSpec], ctx: RunContext, *, mode: str = "auto",
+                         max_population: int | None = None, min_population: int | None = None,
+                         noise: bool = True) -> Iterator[dict[str, Any]]:
+    """Train a ``sparsify:`` stage's twins (this process's shard); yields each twin's run.json content
+    as soon as it is finished (a finished one from an earlier attempt at once).
+
+    ``mode``: ``auto`` (vectorise groups of CNN-s/CNN-m twins of at least ``min_population``, default
+    :data:`MIN_POPULATION` for the device; the rest one by one), ``population`` (vectorise every
+    supported twin, even alone; error for an unsupported one) or ``sequential`` (all one by one).
+    ``max_population`` caps a sub-population (default: from device memory, at most 16 on CPU).
+    ``noise=False``: tests only (see the module docstring).
+    """
+    if mode not in ("auto", "population", "sequential"):
+        raise ValueError(f"mode must be auto, population or sequential; got {mode!r}")
+    pending: list[RunSpec] = []
+    for spec in runs:
+        writer = RunWriter(ctx.zoo_root, spec.run_id)
+        if writer.is_finished():
+            yield json.loads((writer.folder / "run.json").read_text())
+        else:
+            pending.append(spec)
+    if mode == "sequential":
+        for spec in pending:
+            yield train_sparsify_run(spec, ctx, noise=noise)
+        return
+    groups: dict[str, list[tuple[RunSpec, tuple[dict[str, Any], dict[str, Tensor]]]]] = {}
+    alone: list[RunSpec] = []
+    for spec in pending:
+        pcfg, state = load_parent(spec, ctx)  # waits for a parent trained by another process
+        problems = unsupported(spec, pcfg)
+        if problems:
+            if mode == "population":
+                raise ValueError(f"{spec.run_id}: cannot be vectorised: " + "; ".join(problems))
+            alone.append(spec)  # its parent state is dropped here (a ViT's can be large) and reloaded later
+            continue
+        groups.setdefault(group_key(spec, pcfg), []).append((spec, (pcfg, state)))
+    least = 1 if mode == "population" else (min_population or MIN_POPULATION.get(ctx.device.type, 2))
+    for items in groups.values():
+        pcfg = items[0][1][0]
+        cap = max_population or _max_population(items[0][0], pcfg, ctx.device)
+        for chunk in balanced_chunks(items, cap):  # type: ignore[arg-type]
+            if len(chunk) < least:
+                for spec, _ in chunk:
+                    yield train_sparsify_run(spec, ctx, noise=noise)
+                continue
+            yield from _train_chunk(chunk, ctx, least, noise)
+    for spec in alone:
+        yield train_sparsify_run(spec, ctx, noise=noise)
+
+
+def _max_population(spec: RunSpec, pcfg: dict[str, Any], device: torch.device) -> int:
+    """Population size from memory: the main engine's estimate for the plain CNN, for a quarter instead
+    of half of the free memory (a twin has 1.5x the parameters and about twice the activations)."""
+    args = pcfg.get("model_args") or {}
+    n = max_population_size(pcfg["architecture"].split("/", 1)[1], int(args.get("in_chans", 3)),
+                            int(pcfg["num_classes"]), spec.config.batch_size, device, fraction=0.25)
+    return min(n, CPU_MAX_POPULATION) if device.type == "cpu" else n
+
+
+# --------------------------------------------------------------------------- members and their files
+
+
+@dataclass
+class _Member:
+    """One twin of a population and its bookkeeping."""
+
+    twin: Twin
+    start: int
+    """The last epoch done (0 for a fresh twin)."""
+    fresh: bool
+    """Nothing on disk yet: epoch 0 is still to be written."""
+    history: list[dict[str, Any]]
+    elapsed: float
+    """Seconds spent on this twin before this attempt (from its resume point)."""
+    last_good: tuple[int, dict[str, Tensor] | None] = (0, None)
+    done: bool = False
+
+
+def _member(spec: RunSpec, parent: tuple[dict[str, Any], dict[str, Tensor]], ctx: RunContext, noise: bool) -> _Member:
+    twin = prepare_twin(spec, ctx, noise=noise, parent=parent)
+    twin.writer.discard_temp_files()
+    restored = restore(ctx, twin.writer, spec, twin.net, twin.optimizer)
+    if restored is None:
+        return _Member(twin, 0, True, [], 0.0)
+    epoch, history, elapsed = restored
+    m = _Member(twin, epoch, False, history, elapsed)
+    saved = set(spec.config.saved_epochs())
+    m.last_good = (epoch, twin.built.export() if epoch not in saved else None)
+    return m
+
+
+def _train_chunk(chunk: list[tuple[RunSpec, tuple[dict[str, Any], dict[str, Tensor]]]], ctx: RunContext,
+                 least: int, noise: bool) -> Iterator[dict[str, Any]]:
+    """Restore the chunk's twins, split them by resume point, and train each part (OOM: halved)."""
+    members = [_member(spec, parent, ctx, noise) for spec, parent in chunk]
+    parts: dict[int, list[_Member]] = {}
+    for m in members:  # normally one part; two after an interruption in the middle of writing an epoch
+        parts.setdefault(m.start, []).append(m)
+    for start, part in sorted(parts.items()):
+        if start >= part[0].twin.spec.config.epochs:  # all epochs done, killed before finishing
+            for m in part:
+                yield finish_twin(m.twin, ctx, m.last_good, "done", m.elapsed)
+            continue
+        if len(part) < least:
+            for m in part:
+                yield train_sparsify_run(m.twin.spec, ctx, noise=noise)
+            continue
+        queue = [part]
+        while queue:
+            sub = queue.pop(0)
+            try:
+                pop = _TwinPopulation(sub, ctx)
+            except torch.OutOfMemoryError:
+                if len(sub) == 1:
+                    raise
+                if ctx.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                queue[:0] = [sub[:len(sub) // 2], sub[len(sub) // 2:]]
+                continue
+            yield from pop.train(ctx)
+            del pop
+
+
+# --------------------------------------------------------------------------- the vectorised engine
+
+
+class _TwinPopulation:
+    """P twins (one network shape, one resume point) as one flat (P, n_params) buffer."""
+
+    def __init__(self, members: list[_Member], ctx: RunContext) -> None:
+        self.members = members
+        self.P = len(members)
+        self.device = dev = ctx.device
+        twins = [m.twin for m in members]
+        t0 = twins[0]
+        self.cfg = cfg = t0.spec.config
+        assert cfg.sparsify is not None
+        self.template = copy.deepcopy(t0.net).to(dev)
+        if any(True for _ in self.template.buffers()):
+            raise ValueError(f"{t0.pcfg['architecture']}: networks with buffers (batchnorm) are not vectorised")
+        self.names = [n for n, _ in self.template.named_parameters()]
+        shapes = {n: p.shape for n, p in self.template.named_parameters()}
+        self.vd = [(f"{n}.weight" if n else "weight", f"{n}.log_sigma2" if n else "log_sigma2", m.vd_threshold)
+                   for n, m in t0.modules.items()]
+        ls2 = {s for _, s, _ in self.vd}
+        self.export_keys = [k for k in self.template.state_dict() if k not in ls2]  # the parent's keys, in order
+
+        # Parameters: one row per twin, views per tensor for functional_call.
+        self.flat = torch.stack([torch.cat([p.detach().flatten() for p in tw.net.parameters()]) for tw in twins]).to(dev)
+        self.params: dict[str, Tensor] = {}
+        self.cols: dict[str, slice] = {}
+        off = 0
+        for n in self.names:
+            k = shapes[n].numel()
+            self.cols[n] = slice(off, off + k)
+            self.params[n] = self.flat[:, off:off + k].view(self.P, *shapes[n])
+            off += k
+        self.n_params = off
+
+        # The update rule and every hyperparameter, read from the twins' own torch.optim objects.
+        self._read_optimizers(twins)
+        f64 = dict(dtype=torch.float64, device=dev)
+        self.kl_weight = torch.tensor([tw.spec.config.sparsify.kl_weight for tw in twins], **f64)  # type: ignore[union-attr]
+        clips = [tw.spec.config.optimizer.grad_clip for tw in twins]
+        self.clip = (torch.tensor([c if c else math.inf for c in clips], dtype=torch.float32, device=dev)
+                     if any(clips) else None)
+        self.alive = torch.ones(self.P, dtype=torch.bool, device=dev)
+
+        template = self.template
+        vd = self.vd
+
+        def loss_fn(params: dict[str, Tensor], x: Tensor, y: Tensor, kl_scale: Tensor) -> tuple[Tensor, Tensor]:
+            ce = F.cross_entropy(functional_call(template, params, (x,)), y)
+            # sparsify.total_kl, on the functional parameters: per-layer sums, stacked, summed
+            kl = torch.stack([kl_approx(log_alpha(params[w], params[s])).sum() for w, s, _ in vd]).sum()
+            loss = ce + kl_scale * kl
+            return loss, kl.detach()
+
+        def fwd(params: dict[str, Tensor], x: Tensor) -> Tensor:
+            return functional_call(template, params, (x,))
+
+        noisy = any(m.vd_noise for m in t0.modules.values()) or any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in template.modules())
+        self.randomness = "different" if noisy else "error"
+        self._grad = vmap(grad_and_value(loss_fn, has_aux=True), in_dims=(0, 0, 0, 0), randomness=self.randomness)
+        self._fwd = vmap(fwd, in_dims=(0, None), randomness=self.randomness)
+
+        # Data: the stage's tensors on the device once; the train-set evaluation capped as in sparsify.py.
+        x, y = ctx.cache.eval_tensors(cfg.data, "train", t0.pp)
+        self.train_x, self.train_y = x.to(dev), y.to(dev)
+        self.n_train = len(self.train_y)
+        if self.n_train == 0:
+            raise ValueError(f"{t0.spec.run_id}: the training split is empty")
+        self.drop_last = self.n_train >= cfg.batch_size
+        self.steps = self.n_train // cfg.batch_size if self.drop_last else 1
+        self.batch = cfg.batch_size if self.drop_last else self.n_train
+        self.step_count = members[0].start * self.steps  # optimizer steps taken (Adam's ``step``)
+        self.lr_at = lr_schedule(cfg, self.steps)
+        splits = ["train", "val"] + (["test"] if t0.data.test is not None else [])
+        self.evals: dict[str, tuple[Tensor, Tensor]] = {}
+        for s in splits:
+            ex, ey = ctx.cache.eval_tensors(cfg.data, s, t0.pp)
+            n = min(len(ey), TRAIN_EVAL_LIMIT) if s == "train" else len(ey)
+            self.evals[s] = (ex[:n].to(dev), ey[:n].to(dev))
+        self.template.eval()
+        act = activation_bytes_per_sample(self.template, tuple(self.train_x.shape[1:]))
+        self.eval_chunk = _eval_chunk(self.P, act, EVAL_MEMORY_BYTES.get(dev.type, 256 << 20))
+        self._probe()  # an OOM surfaces here, before anything is written
+
+    # ------------------------------------------------------------------ optimizer state
+
+    def _read_optimizers(self, twins: list[Twin]) -> None:
+        dev, P, n = self.device, self.P, self.n_params
+        opt0 = twins[0].optimizer
+        if type(opt0) in (torch.optim.Adam, torch.optim.AdamW):
+            self.kind = "adam"
+        elif type(opt0) is torch.optim.SGD:
+            self.kind = "sgd"
+        else:
+            raise ValueError(f"{type(opt0).__name__} is not vectorised")
+        g0 = opt0.param_groups[0]
+        if g0.get("maximize") or g0.get("amsgrad") or g0.get("dampening", 0) != 0:
+            raise ValueError("maximize / amsgrad / dampening are not vectorised")
+        self.decoupled = bool(g0.get("decoupled_weight_decay", False))
+        self.nesterov = bool(g0.get("nesterov", False))
+        b1, b2 = g0.get("betas", (0.9, 0.999))
+        self.betas = (float(b1), float(b2))
+        self.eps = float(g0.get("eps", 1e-8))
+        # Per twin: lr, and per parameter group a weight decay; group_of[col] maps columns to groups.
+        names_of = [{id(p): name for name, p in tw.net.named_parameters()} for tw in twins]
+        n_groups = len(opt0.param_groups)
+        group_of = torch.zeros(n, dtype=torch.long)
+        for gi, g in enumerate(opt0.param_groups):
+            for p in g["params"]:
+                group_of[self.cols[names_of[0][id(p)]]] = gi
+        wd = torch.zeros(P, n_groups, dtype=torch.float64)
+        lr, mom = [], []
+        for i, tw in enumerate(twins):
+            o = tw.optimizer
+            if len(o.param_groups) != n_groups or type(o) is not type(opt0):
+                raise ValueError("twins of one population need the same optimizer layout")
+            for gi, g in enumerate(o.param_groups):
+                if any(names_of[i][id(p)] != names_of[0][id(q)] for p, q in zip(g["params"],
+                                                                                 opt0.param_groups[gi]["params"])):
+                    raise ValueError("twins of one population need the same parameter groups")
+                wd[i, gi] = float(g["weight_decay"])
+            lr.append(float(o.param_groups[0]["initial_lr"]))
+            if any(float(g["initial_lr"]) != lr[-1] for g in o.param_groups):
+                raise ValueError("per-group learning rates are not vectorised")
+            mom.append(float(o.param_groups[0].get("momentum", 0.0)))
+        self.lr = torch.tensor(lr, dtype=torch.float64, device=dev)
+        self.mom = torch.tensor(mom, dtype=torch.float32, device=dev)
+        self.momenta = mom
+        self.any_momentum = any(m != 0 for m in mom)
+        self.any_wd = bool((wd != 0).any())
+        self.wd_groups = wd.to(dev)
+        self.group_of = group_of.to(dev)
+        self.wd_cols = self.wd_groups.float()[:, self.group_of] if self.any_wd else None  # (P, n) float32
+        # Optimizer buffers, from the twins' (restored) torch state.
+        keys = ("exp_avg", "exp_avg_sq") if self.kind == "adam" else ("momentum_buffer",)
+        self.state: dict[str, Tensor] = {}
+        for k in keys:
+            rows = []
+            for i, tw in enumerate(twins):
+                by_name = {names_of[i][id(p)]: s for p, s in tw.optimizer.state.items()}
+                rows.append(torch.cat([
+                    (by_name[name][k] if name in by_name and by_name[name].get(k) is not None
+                     else torch.zeros_like(p)).detach().flatten() for name, p in tw.net.named_parameters()]))
+            self.state[k] = torch.stack(rows).to(dev)
+
+    def write_back(self, i: int) -> None:
+        """Copy twin ``i``'s row (parameters, optimizer buffers, step) into its own net and torch.optim
+        object, whose state dicts are the resume format shared with the one-by-one path."""
+        tw = self.members[i].twin
+        params = dict(tw.net.named_parameters())
+        with torch.no_grad():
+            for n in self.names:
+                params[n].copy_(self.flat[i, self.cols[n]].view_as(params[n]))
+        opt = tw.optimizer
+        for n, p in params.items():
+            row = {k: v[i, self.cols[n]].view_as(p).clone() for k, v in self.state.items()}
+            if self.kind == "adam":
+                opt.state[p] = {"step": torch.tensor(float(self.step_count), dtype=torch.float32), **row}
+            elif self.momenta[i] != 0:  # torch's SGD keeps no buffer without momentum
+                opt.state[p] = row
+        t = self.step_count  # the lr the one-by-one path's param groups hold after the last step
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * self.lr_at(t - 1) if t > 0 else g["initial_lr"]
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, x: Tensor, y: Tensor, factor: float, kl_scale: Tensor) -> None:
+        """One optimizer step of every twin on its own batch x[i], y[i] (no host sync)."""
+        self.template.train()
+        grads, (loss, kl) = self._grad(self.params, x, y, kl_scale)
+        g = torch.cat([grads[n].flatten(1) for n in self.names], 1)  # (P, n_params), like self.flat
+        ok = self.alive & torch.isfinite(loss) & torch.isfinite(g).all(1)
+        self.alive = ok
+        if self.clip is not None:  # torch.nn.utils.clip_grad_norm_ over all parameters, per twin
+            norms = torch.stack([torch.linalg.vector_norm(grads[n].flatten(1), 2, dim=1) for n in self.names])
+            g = g * clip_coefficients(norms, self.clip)[:, None]
+        self.loss_sum += torch.where(ok, loss.double() * x.shape[1], 0.0)
+        self.kl_sum += torch.where(ok, kl.double(), 0.0)
+        lr = self.lr * factor * ok.double()  # frozen twins: a zero step on a zeroed gradient
+        self.step_count += 1
+        p = self.flat
+        with torch.no_grad():
+            g = torch.where(ok[:, None], g, torch.zeros((), dtype=g.dtype, device=g.device))
+            # Weight decay per parameter group (sparsify._optimizer: Conv/Linear weights only).
+            if self.any_wd and self.decoupled:  # AdamW: param.mul_(1 - lr * weight_decay)
+                p.mul_((1 - lr[:, None] * self.wd_groups).to(p.dtype)[:, self.group_of])
+            elif self.any_wd:  # Adam / SGD: grad = grad.add(param, alpha=weight_decay)
+                g = g + self.wd_cols * p
+            if self.kind == "adam":
+                adam_(p, g, self.state["exp_avg"], self.state["exp_avg_sq"], lr, self.step_count, self.betas,
+                      self.eps)
+            else:
+                sgd_(p, g, self.state["momentum_buffer"], lr, self.mom, self.nesterov)
+
+    def _probe(self) -> None:
+        """One gradient and one evaluation forward on copies (no state changes): OOM shows here."""
+        idx = torch.zeros(self.P, self.batch, dtype=torch.long, device=self.device)
+        kl = torch.zeros(self.P, device=self.device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            self.template.train()
+            grads, _ = self._grad(self.params, self.train_x[idx], self.train_y[idx], kl)
+            del grads
+            with torch.no_grad():
+                self.template.eval()
+                x = next(iter(self.evals.values()))[0]
+                self._fwd(self.params, x[:self.eval_chunk])
+
+    # ------------------------------------------------------------------ evaluation and export
+
+    @torch.no_grad()
+    def evaluate(self, pruned: bool = True) -> list[dict[str, float]]:
+        """Loss and top-1 of every twin on train (capped), val, test, in eval mode: pruned weights
+        masked, or (``pruned=False``, epoch 0) the state as it is."""
+        self.template.eval()
+        vd_modules = [m for m in self.template.modules() if hasattr(m, "vd_threshold")]
+        if not pruned:
+            for m in vd_modules:
+                m.vd_threshold = math.inf
+        out: list[dict[str, float]] = [{} for _ in range(self.P)]
+        try:
+            for split, (x, y) in self.evals.items():
+                loss_sum = torch.zeros(self.P, dtype=torch.float64, device=self.device)
+                correct = torch.zeros(self.P, dtype=torch.long, device=self.device)
+                for s in range(0, len(y), self.eval_chunk):
+                    xb, yb = x[s:s + self.eval_chunk], y[s:s + self.eval_chunk]
+                    logits = self._fwd(self.params, xb).float()  # (P, b, classes)
+                    nll = -F.log_softmax(logits, -1).gather(-1, yb.expand(self.P, -1).unsqueeze(-1)).squeeze(-1)
+                    loss_sum += nll.sum(1, dtype=torch.float64)
+                    correct += (logits.argmax(-1) == yb).sum(1)
+                n = max(1, len(y))
+                for i, (lo, c) in enumerate(zip(loss_sum.tolist(), correct.tolist())):
+                    out[i][f"{split}_loss"] = lo / n
+                    out[i][f"{split}_acc"] = c / n
+        finally:
+            for m, (_, _, thr) in zip(vd_modules, self.vd):
+                m.vd_threshold = thr
+        return out
+
+    @torch.no_grad()
+    def pruned_states(self) -> list[dict[str, Tensor]]:
+        """Every twin's state in the parent's keys, pruned weights exactly 0 (CPU, one transfer),
+        computed with the same elementwise ops as ``sparsify.pruned_state``."""
+        masked = {w: self.params[w] * (log_alpha(self.params[w], self.params[s]) < thr).to(self.flat.dtype)
+                  for w, s, thr in self.vd}
+        blocks = [(k, masked[k] if k in masked else self.params[k]) for k in self.export_keys]
+        flat = torch.cat([b.flatten(1) for _, b in blocks], 1).to("cpu")
+        out: list[dict[str, Tensor]] = [{} for _ in range(self.P)]
+        off = 0
+        for k, b in blocks:
+            n = b[0].numel()
+            for i in range(self.P):
+                out[i][k] = flat[i, off:off + n].view(b.shape[1:]).clone()
+            off += n
+        return out
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self, ctx: RunContext) -> Iterator[dict[str, Any]]:
+        """Train every twin to the stage's last epoch; yields each run.json content once it is finished."""
+        cfg, P, members = self.cfg, self.P, self.members
+        epochs, start = cfg.epochs, members[0].start
+        saved = set(cfg.saved_epochs())
+        quiet = dataclasses.replace(ctx, stop_after_epoch=None)  # the stop hook fires once all twins saved
+        t0 = time.time()
+
+        def share(m: _Member) -> float:  # this attempt's time split equally among the twins, plus earlier attempts
+            return m.elapsed + (time.time() - t0) / P
+
+        fresh = [i for i, m in enumerate(members) if m.fresh]
+        if fresh:  # epoch 0: the parents' states, evaluated unpruned
+            metrics0 = self.evaluate(pruned=False)
+            for i in fresh:
+                m = members[i]
+                m.history = write_epoch0(m.twin, metrics0[i], share(m))
+                m.last_good = (0, None)
+        digest = int.from_bytes(hashlib.sha256(",".join(m.twin.spec.run_id for m in members).encode()).digest()[:8],
+                                "little")
+        samplers = [EpochSampler(self.n_train, m.twin.spec.data_seed) for m in members]
+        bar = progress_bar(ctx, (epochs - start) * self.steps, f"twins x{P}", 0)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for epoch in range(start + 1, epochs + 1):
+                torch.manual_seed(_mix_seed(_NOISE_STREAM, epoch, digest))
+                for s in samplers:
+                    s.set_epoch(epoch)
+                order = torch.tensor([list(iter(s)) for s in samplers], device=self.device)  # (P, N)
+                kl_scale = (self.kl_weight * kl_ramp(epoch, epochs) / self.n_train).float()  # sparsify.py's order
+                self.loss_sum = torch.zeros(P, dtype=torch.float64, device=self.device)
+                self.kl_sum = torch.zeros(P, dtype=torch.float64, device=self.device)
+                for i in range(self.steps):
+                    idx = order[:, i * self.batch:(i + 1) * self.batch]
+                    self.train_step(self.train_x[idx], self.train_y[idx], self.lr_at((epoch - 1) * self.steps + i),
+                                    kl_scale)
+                    if bar is not None:
+                        bar.update(1)
+                del order
+                yield from self._end_epoch(epoch, ctx, quiet, saved, share)
+                if not any(not m.done for m in members):
+                    break
+                if ctx.stop_after_epoch is not None and epoch >= ctx.stop_after_epoch:
+                    raise KeyboardInterrupt(f"stop_after_epoch={ctx.stop_after_epoch}")
+        if bar is not None:
+            bar.close()
+        for m in members:
+            if not m.done:
+                m.done = True
+                yield finish_twin(m.twin, ctx, m.last_good, "done", share(m))
+
+    def _end_epoch(self, epoch: int, ctx: RunContext, quiet: RunContext, saved: set[int],
+                   share: Callable[[_Member], float]) -> Iterator[dict[str, Any]]:
+        """After an epoch: divergence, evaluation, history, states and resume points of every twin."""
+        alive = self.alive.tolist()  # one host sync per epoch
+        seen = self.steps * self.batch
+        objective = (self.loss_sum / seen).tolist()
+        kl = (self.kl_sum / self.steps).tolist()
+        metrics = self.evaluate()
+        states = self.pruned_states()
+        lr_last = self.lr_at(epoch * self.steps - 1)
+        for i, m in enumerate(self.members):
+            if m.done:
+                continue
+            ok = alive[i] and math.isfinite(objective[i]) and not any(
+                not math.isfinite(v) for k, v in metrics[i].items() if k.endswith("loss"))
+            if not ok:
+                self.alive[i] = False
+                m.done = True
+                ctx.log(f"{m.twin.spec.run_id}: diverged in epoch {epoch}; keeping epoch {m.last_good[0]}")
+                yield finish_twin(m.twin, ctx, m.last_good, "diverged", share(m))
+                continue
+            lr = float(self.lr[i]) * lr_last
+            m.history.append(history_row(epoch, metrics[i], lr, objective[i], kl[i], states[i], m.twin.weight_keys))
+            self.write_back(i)
+            m.last_good = end_epoch(quiet, m.twin.writer, epoch, states[i], saved, m.history, m.twin.net,
+                                    m.twin.optimizer, time.time() - share(m))
