@@ -17,6 +17,18 @@ REPO = TESTS.parent
 TINY = TESTS / "tiny.yaml"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: the same reduction order on any machine (exact comparisons),
+    and tiny models run faster on one thread than on two busy ones."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_recipe() -> Path:
     return TINY
