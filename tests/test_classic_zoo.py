@@ -115,3 +115,28 @@ def test_unreadable_member_scratch_restarts_that_model(tmp_path: Path) -> None:
     generate(recipe, out, progress=False, log=logs.append)
     assert any(victim in m and "unreadable partial state" in m for m in logs)
     assert len(vitzoo.load(out)) == 16
+
+
+def test_two_processes_train_their_populations_into_one_zoo(tmp_path: Path) -> None:
+    """`accelerate launch` with 2 processes: each trains its shard as a population (16 models each,
+    vectorised) with snapshots in the shared folder; the zoo equals the 1-process one to float tolerance."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = _micro(tmp_path, "1..32", dropout=0.0, epochs=2)
+    generate(recipe, tmp_path / "one", progress=False, log=lambda m: None)
+    repo = Path(__file__).parent.parent
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "launch" / "cpu_2proc.yaml"),
+           "--main_process_port", "0", "-m", "vitzoo", "generate", str(recipe), "--out", str(tmp_path / "two"),
+           "--no-progress"]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[0]" in res.stdout and "[1]" in res.stdout, "both processes trained models"
+    a, b = vitzoo.load(tmp_path / "one"), vitzoo.load(tmp_path / "two")
+    assert sorted(a.model_ids()) == sorted(b.model_ids()) and len(a.index) == len(b.index) == 32 * 3
+    for mid in a.model_ids():
+        sa, sb = a.state_dict(mid), b.state_dict(mid)
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5)
+    assert not list((tmp_path / "two" / ".partial" / "populations").glob("*"))
