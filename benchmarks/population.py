@@ -38,7 +38,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from vitzoo.train.population import MIN_POPULATION, PopulationMember, train_population
+from vitzoo.train.population import AUTO_VECTORISED_ARCHS, MIN_POPULATION, CropFlip, PopulationMember, train_population
 from vitzoo.train.population_state import Snapshot, SnapshotStore
 from vitzoo.zoo.io import save_safetensors, write_json
 
@@ -57,8 +57,10 @@ def load_data(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch.T
         n_val = 10_000
         sets = {"train": (x[n_val:], y[n_val:]), "val": (x[:n_val], y[:n_val]), "test": (xt, yt)}
     else:
+        shape = (1, 28, 28) if args.arch != "resnet18" else (3, 32, 32)  # MNIST / CIFAR
+
         def synth(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+            return torch.rand(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
 
         sets = {"train": synth(args.train_size), "val": synth(args.eval_size), "test": synth(args.eval_size)}
     out = {}
@@ -122,16 +124,24 @@ class TimedSnapshots(SnapshotStore):
 
 def run(args: argparse.Namespace, data: dict[str, tuple[torch.Tensor, torch.Tensor]], n_models: int, mode: str,
         device: str) -> dict[str, Any]:
-    members = [PopulationMember(init_seed=s, data_seed=s, optimizer="adam", lr=3e-4, weight_decay=0.0,
-                                activation="tanh", init="U", name=f"m{s}") for s in range(1, n_models + 1)]
+    resnet = args.arch == "resnet18"
+    if resnet:  # the CIFAR ResNet-18 seed zoo: SGD .05 momentum .9 wd 5e-4, OneCycle, crop + flip, batch 256
+        members = [PopulationMember(init_seed=s, data_seed=s, optimizer="sgd", lr=0.05, weight_decay=5e-4,
+                                    momentum=0.9, init="default", name=f"m{s}") for s in range(1, n_models + 1)]
+    else:  # the MNIST CNN-s seed zoo
+        members = [PopulationMember(init_seed=s, data_seed=s, optimizer="adam", lr=3e-4, weight_decay=0.0,
+                                    activation="tanh", init="U", name=f"m{s}") for s in range(1, n_models + 1)]
     tmp = Path(tempfile.mkdtemp(prefix="vitzoo-bench-", dir=args.tmp))
     writer = CheckpointWriter(tmp, args.epochs)
     snapshots = TimedSnapshots(tmp / ".partial" / "populations", writer)
     tx, ty = data["train"]
     evals = data if args.train_metrics == "eval" else {k: v for k, v in data.items() if k != "train"}
     t0, c0 = time.perf_counter(), time.process_time()
-    hist = train_population("cnn-s", 1, 10, members, tx, ty, evals, args.epochs, 10, device, writer,
-                            mode=mode, min_population=1 if mode == "population" else None, checkpoints=snapshots)
+    hist = train_population(args.arch, tx.shape[1], 10, members, tx, ty, evals, args.epochs,
+                            256 if resnet else 10, device, writer, mode=mode, checkpoints=snapshots,
+                            min_population=1 if mode == "population" else None,
+                            schedule="onecycle" if resnet else "constant",
+                            augment=CropFlip(pad=4, flip=True, fill=(0.0,)) if resnet else None)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -147,6 +157,9 @@ def run(args: argparse.Namespace, data: dict[str, tuple[torch.Tensor, torch.Tens
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=["cnn-s", "resnet18"], default="cnn-s",
+                    help="cnn-s: the MNIST seed-zoo protocol (batch 10); resnet18: the CIFAR-10 one (batch 256, "
+                         "SGD + OneCycle, crop + flip), vectorised only when forced (auto trains it one by one)")
     ap.add_argument("--sizes", default="1,16,256,1000", help="population sizes, comma-separated")
     ap.add_argument("--baseline-models", type=int, default=16, help="models trained one by one for the baseline")
     ap.add_argument("--epochs", type=int, default=2)
@@ -168,7 +181,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "train_size": args.train_size, "eval_size": args.eval_size, "epochs": args.epochs,
-        "train_metrics": args.train_metrics,
+        "train_metrics": args.train_metrics, "arch": args.arch,
     }
     print(json.dumps(env))
     # Warm-up: first vmap call imports torch._dynamo (seconds); not part of any measurement.
@@ -187,7 +200,8 @@ def main() -> None:
               f"of wall  wall {base['wall_s']:.1f}s", flush=True)
         # `auto` is what the engine does (it trains small groups one by one where vectorising does
         # not pay); below that threshold the forced vectorised figure is shown too.
-        modes = ["auto"] + (["population"] if p < MIN_POPULATION.get(torch.device(args.device).type, 2) else [])
+        below_min = p < MIN_POPULATION.get(torch.device(args.device).type, 2)
+        modes = ["auto"] + (["population"] if below_min or args.arch not in AUTO_VECTORISED_ARCHS else [])
         for mode in modes:
             r = run(args, data, p, mode, args.device)
             r["speedup_vs_one_by_one"] = r["model_epochs_per_hour"] / base["model_epochs_per_hour"]

@@ -4,7 +4,7 @@ Protocol: one micro ViT parent (``tests/tiny.yaml``'s model: width 32, depth 2, 
 16 px) pre-trained for one epoch on digits, then P fine-tuning runs of it on the built-in
 ``shapes`` task (AdamW, cosine schedule with one warm-up epoch, grad clip 1.0, batch 32, train /
 val / test evaluated after every epoch, a checkpoint per epoch), once with ``train_run`` one by
-one and once as a population (``VITZOO_VIT_POPULATION=on``), each into its own zoo folder, all of
+one and once as a population (``VITZOO_POPULATION=on``), each into its own zoo folder, all of
 it timed (building, loading the parent, evaluation, checkpoints, finish_run). The P runs differ in
 lr (P values); ``--seeds shared`` gives them one data seed (a learning-rate grid: linear probes
 then share every backbone forward), ``--seeds distinct`` one data seed each (worst case).

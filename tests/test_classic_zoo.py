@@ -140,3 +140,10 @@ def test_two_processes_train_their_populations_into_one_zoo(tmp_path: Path) -> N
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5)
     assert not list((tmp_path / "two" / ".partial" / "populations").glob("*"))
+
+
+def test_bad_population_switch_names_the_variable_and_leaves_no_zoo(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("VITZOO_POPULATION", "sometimes")
+    with pytest.raises(ValueError, match=r"VITZOO_POPULATION='sometimes'; allowed: auto, on, off"):
+        generate(RECIPE, tmp_path / "zoo", progress=False, log=lambda m: None)
+    assert not (tmp_path / "zoo").exists()

@@ -180,20 +180,45 @@ def test_crop_flip_is_seeded_and_keeps_shape() -> None:
         assert set(out[:, c].unique().tolist()) == {1.0, v}
 
 
-def test_resnet_falls_back_to_one_by_one_with_augmentation() -> None:
+def test_resnet_population_equals_one_by_one_with_batchnorm_and_augmentation() -> None:
+    """ResNet-18 vectorised (``mode="population"``): stacked batchnorm statistics and per-model crop/flip
+    streams give the one-by-one loop's states, running statistics included; ``auto`` trains it one by one.
+
+    In float64: batchnorm over 4 padded crops is ill-conditioned enough that float32 rounding (grouped vs
+    plain convolution) grows to ~1e-3 within two steps, in either path alike; in float64 the paths agree
+    to ~1e-9."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _resnet_population_vs_one_by_one()
+    finally:
+        torch.set_default_dtype(dtype)
+
+
+def _resnet_population_vs_one_by_one() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (8,), generator=g)
     members = [PopulationMember(s, s, "sgd", 0.05, 5e-4, 0.9) for s in (1, 2)]
-    got: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    hist = train_population("resnet18", 3, 10, members, x, y, {"test": (x, y)}, 1, 4, "cpu", _collect(got),
-                            schedule="onecycle", augment=CropFlip(fill=(-1.0,)))
-    assert [len(h) for h in hist] == [2, 2]
-    assert "layer1.0.bn1.running_mean" in got[(0, 1)]
+    members.append(PopulationMember(3, 3, "sgd", 1e30, 0.0, 0.9))  # diverges: frozen, statistics included
+    aug = CropFlip(fill=(-1.0, -2.0, -0.5))
+    args = ("resnet18", 3, 10, members, x, y, {"test": (x, y)}, 2, 4, "cpu")
+    ref: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    h_ref = train_population(*args, _collect(ref), schedule="onecycle", augment=aug)  # auto: one by one
+    pop: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    h_pop = train_population(*args, _collect(pop), schedule="onecycle", augment=aug, mode="population")
+    assert "layer1.0.bn1.running_mean" in ref[(0, 1)]
     init0 = build_cnn("resnet18", 3, 10, seed=1).state_dict()["conv1.weight"]
-    assert torch.equal(got[(0, 0)]["conv1.weight"], init0)
+    assert torch.equal(ref[(0, 0)]["conv1.weight"], init0) and torch.equal(pop[(0, 0)]["conv1.weight"], init0)
+    for i in (0, 1):
+        for e in (1, 2):
+            for name, w in ref[(i, e)].items():
+                torch.testing.assert_close(pop[(i, e)][name], w, rtol=1e-7, atol=1e-8)
+        assert h_pop[i][-1]["test_acc"] == h_ref[i][-1]["test_acc"]
+    assert h_pop[2][-1]["status"] == h_ref[2][-1]["status"] == "diverged"
+    assert h_pop[2][-1]["diverged_step"] == h_ref[2][-1]["diverged_step"]
     with pytest.raises(ValueError, match="cannot be vectorised"):
-        train_population("resnet18", 3, 10, members, x, y, {}, 1, 4, "cpu", mode="population")
+        train_population("vit", 3, 10, members, x, y, {}, 1, 4, "cpu", mode="population")
 
 
 def test_adapter_maps_classic_recipes_to_members() -> None:

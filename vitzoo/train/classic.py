@@ -27,10 +27,13 @@ import torch
 from vitzoo.data.pipeline import preprocessing_for
 from vitzoo.plan import RunSpec
 from vitzoo.train.loop import RunContext, build_cnn_run, finish_run, train_run
-from vitzoo.train.population import train_population
+from vitzoo.train.population import population_switch, train_population
 from vitzoo.train.population_adapter import engine_kwargs, member_from_run, split_runs, unsupported
 from vitzoo.train.population_state import SnapshotStore
 from vitzoo.zoo.writer import RunWriter
+
+#: ``VITZOO_POPULATION`` → the engine's mode (``on`` also vectorises ResNet-18 and groups of any size).
+ENGINE_MODES = {"auto": "auto", "on": "population", "off": "sequential"}
 
 
 def train_stage(runs: list[RunSpec], ctx: RunContext) -> Iterator[dict[str, Any]]:
@@ -124,6 +127,7 @@ def train_group(runs: list[RunSpec], ctx: RunContext) -> list[dict[str, Any]]:
     steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)  # the engine keeps the last, smaller batch
     train_population(members=[member_from_run(r) for r in pending], num_classes=data.num_classes, train_x=train_x,
                      train_y=train_y, evals=evals, device=ctx.device, on_epoch=on_epoch, checkpoints=store,
-                     stop_after_epoch=ctx.stop_after_epoch, **engine_kwargs(pending[0], steps_per_epoch))
+                     stop_after_epoch=ctx.stop_after_epoch, mode=ENGINE_MODES[population_switch()],
+                     **engine_kwargs(pending[0], steps_per_epoch))
     store.discard([r.run_id for r in pending])
     return infos

@@ -55,9 +55,11 @@ Known differences (documented, tested where possible):
   (``vmap(randomness="different")``); a model's masks therefore depend on its sub-population (and
   so on the population size chosen for the device), and the reference loop draws its own (seeded
   per model). Both are reproducible on the same device; they are not equal to each other.
-- ResNet-18 (batchnorm, random crop + flip) is trained one by one by this module (``mode`` auto):
-  running statistics under vmap need a functional batchnorm that is not written yet, and an 11M
-  parameter model at batch 128-256 already fills a device far better than CNN-s at batch 10.
+- ResNet-18: batchnorm buffers are stacked like the parameters and each model's forward updates its
+  own running statistics (those of a frozen model are restored); the random crop + flip draws from
+  each model's own generator, as one by one. ``auto`` still trains ResNet-18 one by one
+  (:data:`AUTO_VECTORISED_ARCHS`): an 11M-parameter model at batch 128-256 is not launch-bound, and
+  whether stacking pays on a GPU is not measured; ``mode="population"`` vectorises it.
 
 Resume: with ``checkpoints`` (a :class:`~vitzoo.train.population_state.SnapshotStore`) every
 sub-population (and every one-by-one model) writes its whole training state after each epoch, in one
@@ -97,7 +99,26 @@ Schedule = str | Callable[[int, int], float]
 OnEpoch = Callable[[int, list[dict[str, Tensor]], list[dict[str, Any]]], None]
 EvalSets = dict[str, tuple[Tensor, Tensor]]
 
-VECTORISED_ARCHS = ("cnn-s", "cnn-m")
+#: Architectures the vectorised engine can train (ResNet-18: batchnorm statistics stacked per model).
+VECTORISED_ARCHS = ("cnn-s", "cnn-m", "resnet18")
+#: Those ``auto`` mode vectorises. ResNet-18 is not among them until measured on a GPU: an 11M-parameter
+#: model at batch 128-256 is not launch-bound as CNN-s at batch 10 is, so stacking may not pay
+#: (``mode="population"`` / ``VITZOO_POPULATION=on`` force it; benchmarks/population.py --arch resnet18).
+AUTO_VECTORISED_ARCHS = ("cnn-s", "cnn-m")
+
+#: Environment switch read by every population engine (classic groups, sparsified twins, ViT fine-tunes):
+#: ``auto`` (default: vectorise where measured faster), ``on`` (vectorise every group the engine supports,
+#: whatever its size, architecture or device: for measuring new hardware), ``off`` (everything one by one).
+ENV_SWITCH = "VITZOO_POPULATION"
+
+
+def population_switch() -> str:
+    """``auto``, ``on`` or ``off`` from :data:`ENV_SWITCH` (an invalid value is an error naming it)."""
+    v = os.environ.get(ENV_SWITCH, "auto").strip().lower() or "auto"
+    if v not in ("auto", "on", "off"):
+        raise ValueError(f"{ENV_SWITCH}={v!r}; allowed: auto, on, off")
+    return v
+
 
 #: Smallest group that ``auto`` mode vectorises, per device type. Measured on a shared 2-core CPU,
 #: one thread (benchmarks/RESULTS.md): per-model step time 3.4 ms at 2 models, 2.2 ms at 8 (no
@@ -303,9 +324,11 @@ class _Population:
         models = [build_cnn(arch, in_chans, num_classes, m.activation, m.dropout, m.init, m.init_seed)
                   for m in members]
         self.template = models[0].to(device)
-        if any(True for _ in self.template.buffers()):
-            raise ValueError(f"{arch}: models with buffers (batchnorm) are not vectorised; use train_one_by_one")
         self.names = [n for n, _ in self.template.named_parameters()]
+        # Module buffers (batchnorm running statistics) are stacked too: under vmap each model's
+        # forward updates its own row in place, exactly as a lone module updates its buffers.
+        self.buffers = {n: torch.stack([dict(mm.named_buffers())[n] for mm in models]).to(device)
+                        for n, _ in self.template.named_buffers()}
         # All parameters of a model live in one row of a flat (P, n_params) buffer; the dict
         # handed to functional_call holds (P, *shape) views of it. The optimizer then updates
         # every parameter of every model in a handful of kernels, whatever the layer count.
@@ -343,21 +366,23 @@ class _Population:
 
         template = self.template
 
-        def loss_fn(params: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-            logits = functional_call(template, params, (x,))
+        def loss_fn(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor,
+                    y: Tensor) -> tuple[Tensor, Tensor]:
+            logits = functional_call(template, (params, buffers), (x,))
             return F.cross_entropy(logits, y), (logits.argmax(-1) == y).sum()
 
-        def fwd(params: dict[str, Tensor], x: Tensor) -> Tensor:
-            return functional_call(template, params, (x,))
+        def fwd(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
+            return functional_call(template, (params, buffers), (x,))
 
         rnd = "different" if self.dropout > 0 else "error"
-        self._grad = vmap(grad_and_value(loss_fn, has_aux=True), in_dims=(0, 0, 0), randomness=rnd)
-        self._fwd = vmap(fwd, in_dims=(0, None))
+        self._grad = vmap(grad_and_value(loss_fn, has_aux=True), in_dims=(0, 0, 0, 0), randomness=rnd)
+        self._fwd = vmap(fwd, in_dims=(0, 0, None))
 
     def snapshot(self, epoch: int, names: list[str]) -> Snapshot:
         """The whole training state after ``epoch`` (see :mod:`vitzoo.train.population_state`)."""
         tensors = {"flat": self.flat, "alive": self.alive, "diverged_step": self.diverged_step}
         tensors.update({f"opt/{k}": v for k, v in self.state.items()})
+        tensors.update({f"buffers/{k}": v for k, v in self.buffers.items()})
         return Snapshot(epoch, self.step_count, names, tensors,
                         [(n, list(p.shape[1:])) for n, p in self.params.items()], rng_state(self.device))
 
@@ -367,6 +392,8 @@ class _Population:
             self.flat.copy_(snap.tensors["flat"])
             for k, v in self.state.items():
                 v.copy_(snap.tensors[f"opt/{k}"])
+            for k, v in self.buffers.items():
+                v.copy_(snap.tensors[f"buffers/{k}"])
         self.alive = snap.tensors["alive"].to(self.device)
         self.diverged_step = snap.tensors["diverged_step"].to(self.device)
         self.step_count = snap.step
@@ -385,7 +412,11 @@ class _Population:
     def train_step(self, x: Tensor, y: Tensor, factor: float, step_index: int) -> None:
         """One optimizer step of every model on its own batch x[i], y[i] (no host sync)."""
         self.template.train()
-        grads, (loss, correct) = self._grad(self.params, x, y)
+        was_alive = self.alive
+        before = {n: b.clone() for n, b in self.buffers.items()} if self.buffers else {}
+        grads, (loss, correct) = self._grad(self.params, self.buffers, x, y)
+        for n, b in self.buffers.items():  # a frozen model's statistics stay frozen too
+            b.copy_(torch.where(was_alive.view(-1, *[1] * (b.dim() - 1)), b, before[n]))
         g = torch.cat([grads[n].flatten(1) for n in self.names], 1)  # (P, n_params), like self.flat
         ok = self.alive & torch.isfinite(loss) & torch.isfinite(g).all(1)
         newly = self.alive & ~ok
@@ -420,7 +451,7 @@ class _Population:
         correct = torch.zeros(self.P, dtype=torch.long, device=self.device)
         for s in range(0, len(x), chunk):
             xb, yb = x[s:s + chunk], y[s:s + chunk]
-            logits = self._fwd(self.params, xb)  # (P, b, classes)
+            logits = self._fwd(self.params, self.buffers, xb)  # (P, b, classes)
             lp = F.log_softmax(logits, dim=-1)
             nll = -lp.gather(-1, yb.expand(self.P, -1).unsqueeze(-1)).squeeze(-1)
             loss_sum += nll.sum(1, dtype=torch.float64)
@@ -437,6 +468,10 @@ class _Population:
             for i in range(self.P):
                 out[i][n] = block[i]
             off += k
+        for n, b in self.buffers.items():
+            b = b if self.device.type == "cpu" else b.to("cpu")
+            for i in range(self.P):
+                out[i][n] = b[i]
         return out
 
 
@@ -444,7 +479,7 @@ def _train_vectorised(arch: str, in_chans: int, num_classes: int, members: Seque
                       indices: Sequence[int], train_x: Tensor, train_y: Tensor, evals: EvalSets, epochs: int,
                       batch_size: int, device: torch.device, on_epoch: OnEpoch | None, schedule: Schedule,
                       dropout_seed: int, eval_budget: int, store: SnapshotStore | None = None,
-                      stop_after_epoch: int | None = None) -> list[list[dict[str, Any]]]:
+                      stop_after_epoch: int | None = None, augment: CropFlip | None = None) -> list[list[dict[str, Any]]]:
     pop = _Population(arch, in_chans, num_classes, members, device, dropout_seed)
     names = [m.name for m in members]
     start = _start(store, names)
@@ -485,9 +520,16 @@ def _train_vectorised(arch: str, in_chans: int, num_classes: int, members: Seque
         first, gstep = (start.epoch + 1, start.step) if start is not None else (1, 0)
         for epoch in range(first, epochs + 1):
             perms = torch.stack([epoch_permutation(m.data_seed, epoch, n) for m in members]).to(device)
+            # Each model's own augmentation stream, seeded as train_one seeds it: the same crops and flips.
+            gens = [torch.Generator(device=device).manual_seed(_mix_seed(m.data_seed, epoch, 1))
+                    for m in members] if augment is not None else []
             for s in range(steps):
                 idx = perms[:, s * batch_size:(s + 1) * batch_size]
-                pop.train_step(train_x[idx], train_y[idx], lr_factor(schedule, gstep, total), gstep)
+                xb = train_x[idx]
+                if augment is not None:
+                    xb = torch.stack([crop_flip(xb[i], g, augment.pad, augment.flip, augment.fill)
+                                      for i, g in enumerate(gens)])
+                pop.train_step(xb, train_y[idx], lr_factor(schedule, gstep, total), gstep)
                 gstep += 1
             del perms
             report(epoch)
@@ -524,12 +566,13 @@ def _checkpoint(store: SnapshotStore | None, epoch: int, epochs: int, snapshot: 
 def _probe(pop: _Population, train_x: Tensor, train_y: Tensor, batch_size: int, chunk: int, evals: EvalSets) -> None:
     idx = torch.zeros(pop.P, min(batch_size, len(train_x)), dtype=torch.long, device=train_x.device)
     with torch.random.fork_rng(devices=[pop.device] if pop.device.type == "cuda" else []):
-        grads, _ = pop._grad(pop.params, train_x[idx], train_y[idx])
+        buffers = {n: b.clone() for n, b in pop.buffers.items()}  # the probe must not move running statistics
+        grads, _ = pop._grad(pop.params, buffers, train_x[idx], train_y[idx])
         del grads
         for ex, _ey in list(evals.values())[:1]:
             with torch.no_grad():
                 pop.template.eval()
-                pop._fwd(pop.params, ex[:chunk])
+                pop._fwd(pop.params, buffers, ex[:chunk])
 
 
 # --------------------------------------------------------------------------- reference loop
@@ -699,8 +742,8 @@ def train_population(arch: str, in_chans: int, num_classes: int, members: Sequen
                      stop_after_epoch: int | None = None) -> list[list[dict[str, Any]]]:
     """Train ``members`` (one architecture) and return each member's per-epoch metrics.
 
-    ``mode``: ``auto`` (vectorise CNN-s/CNN-m groups of >= 2 models without augmentation, else one
-    by one), ``population`` (force vectorised; error where impossible) or ``sequential``.
+    ``mode``: ``auto`` (vectorise groups of :data:`AUTO_VECTORISED_ARCHS` of at least ``min_population``
+    models, else one by one), ``population`` (force vectorised; error where impossible) or ``sequential``.
     ``max_population`` caps the models per vectorised sub-population (default: from device memory).
     ``eval_memory_bytes`` bounds the activations of one vectorised evaluation chunk.
     ``min_population``: in ``auto`` mode, groups smaller than this train one by one (default
@@ -721,9 +764,10 @@ def train_population(arch: str, in_chans: int, num_classes: int, members: Sequen
     evals = {k: (x.to(dev), y.to(dev)) for k, (x, y) in evals.items()}
     members = list(members)
     history: list[list[dict[str, Any]]] = [[] for _ in members]
-    vectorisable = arch in VECTORISED_ARCHS and augment is None
+    vectorisable = arch in (VECTORISED_ARCHS if mode == "population" else AUTO_VECTORISED_ARCHS)
     if mode == "population" and not vectorisable:
-        raise ValueError(f"{arch} with augment={augment!r} cannot be vectorised; use mode='sequential'")
+        raise ValueError(f"{arch} cannot be vectorised (engine: {', '.join(VECTORISED_ARCHS)}); "
+                         "use mode='sequential'")
     store = checkpoints
     if store is not None:
         names = [m.name for m in members]
@@ -757,7 +801,8 @@ def train_population(arch: str, in_chans: int, num_classes: int, members: Sequen
                 sequential(chunk)
                 continue
             _run_chunks(arch, in_chans, num_classes, members, chunk, len(chunk), train_x, train_y, evals, epochs,
-                        batch_size, dev, on_epoch, schedule, dropout_seed, eval_memory_bytes, history, **resume)
+                        batch_size, dev, on_epoch, schedule, dropout_seed, eval_memory_bytes, history,
+                        augment=augment, **resume)
     return history
 
 

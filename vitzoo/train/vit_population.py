@@ -60,7 +60,7 @@ tolerance, not bitwise (a given setup is deterministic).
 
 When: ``auto`` vectorises a group only where it was measured faster (:data:`MIN_POPULATION`, per
 device type and mode; benchmarks/RESULTS.md "ViT fine-tune populations"). The environment
-variable ``VITZOO_VIT_POPULATION`` overrides it: ``on`` vectorises every supported group (any size,
+variable ``VITZOO_POPULATION`` overrides it: ``on`` vectorises every supported group (any size,
 also on CPU; used by the tests), ``off`` trains every run with ``train_run``. Population size
 comes from device memory (:func:`max_population`); a sub-population that runs out of memory is
 halved and its members continue from their last epoch.
@@ -71,7 +71,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -87,6 +86,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from vitzoo.data.pipeline import train_loader
 from vitzoo.plan import RunSpec, canonical_json, population_key
 from vitzoo.train import functional_optim as fopt
+from vitzoo.train import population
 from vitzoo.train.loop import (
     Built,
     RunContext,
@@ -106,9 +106,10 @@ from vitzoo.train.loop import (
 from vitzoo.train.population import _free_bytes, activation_bytes_per_sample, balanced_chunks
 from vitzoo.zoo.writer import RunWriter
 
-#: Environment switch: ``on`` (vectorise every supported group, whatever its size or device),
+#: The shared environment switch (:data:`vitzoo.train.population.ENV_SWITCH`): ``on`` (vectorise every
+#: supported group, whatever its size or device),
 #: ``off`` (every run through ``train_run``), unset or ``auto`` (:data:`MIN_POPULATION`).
-ENV_SWITCH = "VITZOO_VIT_POPULATION"
+ENV_SWITCH = population.ENV_SWITCH
 
 #: Smallest group ``auto`` vectorises, per (device type, fine-tuning mode); None = never.
 #: CPU, one thread (benchmarks/RESULTS.md, end to end per model): full fine-tunes of a micro ViT are
@@ -118,7 +119,7 @@ ENV_SWITCH = "VITZOO_VIT_POPULATION"
 #: Full fine-tunes stay one by one there: populations use the explicit attention path, not the fused
 #: (flash) kernel a single run gets, and a ViT at batch 128-256 is not launch-bound; linear probes
 #: vectorise (the frozen backbone runs once per evaluation batch for all members, fewer FLOPs on any
-#: device). `benchmarks/vit_population.py` on a GPU decides both; VITZOO_VIT_POPULATION=on forces.
+#: device). `benchmarks/vit_population.py` on a GPU decides both; VITZOO_POPULATION=on forces.
 MIN_POPULATION: dict[tuple[str, str], int | None] = {
     ("cpu", "full"): None, ("cpu", "linear"): 2, ("cuda", "full"): None, ("cuda", "linear"): 2,
 }
@@ -177,11 +178,7 @@ def unsupported(spec: RunSpec, parent_config: dict[str, Any] | None = None) -> l
     return out
 
 
-def _switch() -> str:
-    v = os.environ.get(ENV_SWITCH, "auto").strip().lower() or "auto"
-    if v not in ("auto", "on", "off"):
-        raise ValueError(f"{ENV_SWITCH}={v!r}; allowed: auto, on, off")
-    return v
+_switch = population.population_switch
 
 
 # ---------------------------------------------------------------------------- stage entry point
@@ -192,7 +189,7 @@ def train_stage(runs: list[RunSpec], ctx: RunContext) -> Iterator[dict[str, Any]
 
     Supported runs are grouped (same backbone shape, head, data, duration, optimizer family, mode;
     linear probes also by parent; runs resumed at different epochs apart) and each group that
-    ``auto`` (or ``VITZOO_VIT_POPULATION=on``) vectorises is trained as populations; every other run
+    ``auto`` (or ``VITZOO_POPULATION=on``) vectorises is trained as populations; every other run
     goes through ``train_run``, in plan order.
     """
     switch = _switch()
