@@ -66,8 +66,8 @@ on CPU), halved if one still runs out of memory in its first (probe) step, and s
 epoch (twins interrupted at different epochs train apart).
 
 What stays one by one (:func:`train_sparsify_stage` routes it to ``train_sparsify_run``): twins of
-ResNet-18 (batchnorm: running statistics under vmap need a functional batchnorm, and an 11M-parameter
-model at batch 128 already fills a device) and of ViTs (large models, the same argument), optimizers
+ResNet-18 (stacked batchnorm statistics, as :mod:`vitzoo.train.population` keeps them, are not wired in
+here; an 11M-parameter model at batch 128 is not launch-bound anyway) and of ViTs (large models), optimizers
 other than Adam/AdamW/SGD (LAMB, Lion), and in ``auto`` mode groups smaller than
 :data:`MIN_POPULATION` for the device, where the vectorised step is not faster (benchmarks/RESULTS.md,
 "Sparsified twins as populations").
