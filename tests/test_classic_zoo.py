@@ -147,3 +147,18 @@ def test_bad_population_switch_names_the_variable_and_leaves_no_zoo(tmp_path: Pa
     with pytest.raises(ValueError, match=r"VITZOO_POPULATION='sometimes'; allowed: auto, on, off"):
         generate(RECIPE, tmp_path / "zoo", progress=False, log=lambda m: None)
     assert not (tmp_path / "zoo").exists()
+
+
+def test_models_are_reported_as_they_finish_not_when_their_group_ends(tmp_path: Path) -> None:
+    """One-by-one groups (ResNet zoos: days) hand each finished model to `generate` (log, progress, index
+    refresh) while the rest of the group still trains."""
+    recipe = _micro(tmp_path, "1..3", dropout=0.0, epochs=2)
+    out = tmp_path / "zoo"
+    finished_at_log: list[int] = []
+
+    def log(msg: str) -> None:
+        if "done epoch" in msg:
+            finished_at_log.append(len(list(out.glob("models/*/run.json"))))
+
+    generate(recipe, out, progress=False, log=log)
+    assert len(finished_at_log) == 3 and finished_at_log[0] < 3, finished_at_log

@@ -18,6 +18,8 @@ run's when the same models resume together (the normal case).
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -46,16 +48,19 @@ def train_stage(runs: list[RunSpec], ctx: RunContext) -> Iterator[dict[str, Any]
             yield train_run(spec, ctx)
 
 
-def train_group(runs: list[RunSpec], ctx: RunContext) -> list[dict[str, Any]]:
-    """Train the unfinished runs of one population group; returns their run.json contents.
+def train_group(runs: list[RunSpec], ctx: RunContext) -> Iterator[dict[str, Any]]:
+    """Train the unfinished runs of one population group; yields each run.json content as that model
+    is finished.
 
     Each model is finished (``finish_run``) as soon as its last epoch is written, and the group's
     training state is snapshotted after every epoch in ``<zoo>/.partial/populations/``, so an
-    interrupted group continues after its last finished epoch on the next ``generate``.
+    interrupted group continues after its last finished epoch on the next ``generate``. The engine
+    runs in a worker thread so that finished models reach the caller (progress, index refresh) while
+    the rest of the group trains: a group of ResNet-18s trained one by one lasts days.
     """
     pending = [r for r in runs if not RunWriter(ctx.zoo_root, r.run_id).is_finished()]
     if not pending:
-        return []
+        return
     cfg = pending[0].config
     model = cfg.model
     assert model is not None
@@ -94,10 +99,13 @@ def train_group(runs: list[RunSpec], ctx: RunContext) -> list[dict[str, Any]]:
             unsaved = not diverged[i] and snap.epoch not in saved
             last_good[i] = (histories[i][-1]["epoch"], snap.row_state(j) if unsaved else None)
     built = [build_cnn_run(spec, data.num_classes, data.label_names) for spec in pending]
-    infos: list[dict[str, Any]] = []
+    finished: queue.Queue[Any] = queue.Queue()
+    stop = threading.Event()
     clock = [time.time()]
 
     def on_epoch(epoch: int, states: list[dict[str, torch.Tensor]], metrics: list[dict[str, Any]]) -> None:
+        if stop.is_set():  # the caller went away (an exception, Ctrl-C): end the worker at an epoch boundary
+            raise KeyboardInterrupt("population group abandoned by its caller")
         for state, met in zip(states, metrics):
             i = met["index"]
             if not diverged[i] and met.get("status") == "diverged":
@@ -120,14 +128,35 @@ def train_group(runs: list[RunSpec], ctx: RunContext) -> list[dict[str, Any]]:
             wall = (time.time() - clock[0]) / len(done)  # the sub-population's time, shared equally
             clock[0] = time.time()
             for i in done:
-                infos.append(finish_run(pending[i], ctx, writers[i], built[i], dataset=data.name,
+                finished.put(finish_run(pending[i], ctx, writers[i], built[i], dataset=data.name,
                                         last_good=last_good[i], status="diverged" if diverged[i] else "done",
                                         wall_s=wall, precision="float32"))
 
     steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)  # the engine keeps the last, smaller batch
-    train_population(members=[member_from_run(r) for r in pending], num_classes=data.num_classes, train_x=train_x,
-                     train_y=train_y, evals=evals, device=ctx.device, on_epoch=on_epoch, checkpoints=store,
-                     stop_after_epoch=ctx.stop_after_epoch, mode=ENGINE_MODES[population_switch()],
-                     **engine_kwargs(pending[0], steps_per_epoch))
-    store.discard([r.run_id for r in pending])
-    return infos
+
+    def work() -> None:
+        try:
+            if ctx.device.type == "cuda":  # the current CUDA device is per thread
+                torch.cuda.set_device(ctx.device)
+            train_population(members=[member_from_run(r) for r in pending], num_classes=data.num_classes,
+                             train_x=train_x, train_y=train_y, evals=evals, device=ctx.device, on_epoch=on_epoch,
+                             checkpoints=store, stop_after_epoch=ctx.stop_after_epoch,
+                             mode=ENGINE_MODES[population_switch()], **engine_kwargs(pending[0], steps_per_epoch))
+            store.discard([r.run_id for r in pending])
+            finished.put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            finished.put(e)
+
+    worker = threading.Thread(target=work, name="vitzoo-population", daemon=True)
+    worker.start()
+    try:
+        while (item := finished.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
+_DONE = object()
