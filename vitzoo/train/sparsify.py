@@ -122,31 +122,33 @@ class _VDMixin:
     def kl(self) -> torch.Tensor:
         return kl_approx(self.log_alpha()).sum()
 
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Training: the local reparameterisation ``op(x, w) + b + sqrt(op(x^2, sigma^2)) * N(0, 1)``;
+        evaluation: the pruned weight."""
+        if self.training:
+            mu = self._op(x, self.weight, self.bias)
+            if not self.vd_noise:
+                return mu
+            var = self._op(x * x, torch.exp(self.log_sigma2), None)
+            return mu + torch.sqrt(var + VAR_EPS) * _noise_like(mu)
+        return self._op(x, self.weight * self.keep_mask(), self.bias)
+
 
 class VDConv2d(_VDMixin, nn.Conv2d):
     """An ``nn.Conv2d`` with sparse variational dropout on its weight (same parameters + log_sigma2)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if self.training:
-            mu = self._conv_forward(x, self.weight, self.bias)
-            if not self.vd_noise:
-                return mu
-            var = self._conv_forward(x * x, torch.exp(self.log_sigma2), None)
-            return mu + torch.sqrt(var + VAR_EPS) * _noise_like(mu)
-        return self._conv_forward(x, self.weight * self.keep_mask(), self.bias)
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._conv_forward(x, weight, bias)
 
 
 class VDLinear(_VDMixin, nn.Linear):
     """An ``nn.Linear`` with sparse variational dropout on its weight (same parameters + log_sigma2)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if self.training:
-            mu = F.linear(x, self.weight, self.bias)
-            if not self.vd_noise:
-                return mu
-            var = F.linear(x * x, torch.exp(self.log_sigma2))
-            return mu + torch.sqrt(var + VAR_EPS) * _noise_like(mu)
-        return F.linear(x, self.weight * self.keep_mask(), self.bias)
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
 
 _VD_CLASSES: dict[type, type] = {nn.Conv2d: VDConv2d, nn.Linear: VDLinear}
