@@ -15,7 +15,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import httpx
 import pytest
 from zoo_factory import TOKEN, tree_bytes, write_test_zoo
 
@@ -268,13 +267,33 @@ def test_server_resolve_headers_and_ranges(lfs_hub, make_zoo):
     push(zoo, REPO, token=TOKEN, endpoint=hub.endpoint)
     rel = next(p for p in tree_bytes(zoo) if p.endswith("model.safetensors"))
     data = (zoo / rel).read_bytes()
-    with httpx.Client() as client:
-        head = client.head(f"{hub.endpoint}/{REPO}/resolve/main/{rel}")
-        assert head.status_code == 302 and head.headers["X-Linked-Size"] == str(len(data))
-        assert head.headers["X-Repo-Commit"] and head.headers["Location"].startswith(hub.cdn_endpoint)
-        part = client.get(head.headers["Location"], headers={"Range": "bytes=8-15"})
-        assert part.status_code == 206 and part.content == data[8:16]
-        meta = client.get(f"{hub.endpoint}/{REPO}/resolve/main/zoo.json")
-        assert json.loads(meta.content) == json.loads((zoo / "zoo.json").read_text())
-        missing = client.head(f"{hub.endpoint}/{REPO}/resolve/main/nope")
-        assert missing.status_code == 404 and missing.headers["X-Error-Code"] == "EntryNotFound"
+    head = _http("HEAD", f"{hub.endpoint}/{REPO}/resolve/main/{rel}")
+    assert head.status == 302 and head.headers["X-Linked-Size"] == str(len(data))
+    assert head.headers["X-Repo-Commit"] and head.headers["Location"].startswith(hub.cdn_endpoint)
+    part = _http("GET", head.headers["Location"], {"Range": "bytes=8-15"})
+    assert part.status == 206 and part.body == data[8:16]
+    meta = _http("GET", f"{hub.endpoint}/{REPO}/resolve/main/zoo.json")
+    assert json.loads(meta.body) == json.loads((zoo / "zoo.json").read_text())
+    missing = _http("HEAD", f"{hub.endpoint}/{REPO}/resolve/main/nope")
+    assert missing.status == 404 and missing.headers["X-Error-Code"] == "EntryNotFound"
+
+
+class _Reply:
+    def __init__(self, status: int, headers, body: bytes):
+        self.status, self.headers, self.body = status, headers, body
+
+
+def _http(method: str, url: str, headers: dict[str, str] | None = None) -> _Reply:
+    """One request without following redirects (the standard library only: tests import declared
+    dependencies alone, and the test server's 302 is what is checked)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        conn.request(method, u.path + (f"?{u.query}" if u.query else ""), headers=headers or {})
+        r = conn.getresponse()
+        return _Reply(r.status, r.headers, r.read())
+    finally:
+        conn.close()
