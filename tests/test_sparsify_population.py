@@ -124,7 +124,7 @@ def _assert_close_states(a: dict[int, dict[str, torch.Tensor]], b: dict[int, dic
     for epoch in a:
         assert list(a[epoch]) == list(b[epoch]), f"{what} epoch {epoch}: keys"
         for k in a[epoch]:
-            torch.testing.assert_close(a[epoch][k], b[epoch][k], rtol=1e-4, atol=1e-5, msg=f"{what} {epoch} {k}")
+            torch.testing.assert_close(a[epoch][k], b[epoch][k], rtol=1e-3, atol=1e-4, msg=f"{what} {epoch} {k}")
 
 
 # --------------------------------------------------------------------------- equivalence
