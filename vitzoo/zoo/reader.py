@@ -24,6 +24,7 @@ from torch import nn
 
 from vitzoo.errors import ZooError
 from vitzoo.recipe import AXIS_ALIASES
+from vitzoo.zoo import weights
 from vitzoo.zoo.index import INDEX_FILE
 from vitzoo.zoo.io import sha256_file
 
@@ -147,7 +148,13 @@ class Zoo:
             raise ZooError(f"model {model_id!r} is not in this zoo{' view' if len(self.index) else ''}"
                            f" ({len(self)} models)")
 
-    def _row(self, model_id: str, epoch: int | None) -> pd.Series:
+    def row(self, model_id: str, epoch: int | None = None) -> pd.Series:
+        """The index row of a state: ``model_id`` at ``epoch`` (default: its final state).
+
+        Raises :class:`~vitzoo.errors.ZooError` when the model is not in this view, or has no saved
+        state at that epoch here. The row's ``file``, ``tensor_prefix`` and ``sha256`` say where the
+        state's tensors are; read them through :meth:`verified_path`.
+        """
         self._check_id(model_id)
         rows = self.index[self.index["model_id"] == model_id]
         if epoch is None:
@@ -161,7 +168,13 @@ class Zoo:
                                f"{self.epochs(model_id)}")
         return rows.iloc[0]
 
-    def _file(self, row: pd.Series) -> Path:
+    def verified_path(self, row: pd.Series) -> Path:
+        """The local path of an index row's weight file, sha256-checked against the index on first use.
+
+        The first call for a file hashes it (downloading it first from the Hub) and raises
+        :class:`~vitzoo.errors.ZooError` if the digest differs from the row's ``sha256``; later
+        calls, from this Zoo or any view filtered from it, return the path without hashing again.
+        """
         path = self.source.local_path(row["file"])
         if row["file"] not in self._verified:
             digest = sha256_file(path)
@@ -173,8 +186,8 @@ class Zoo:
 
     def state_dict(self, model_id: str, epoch: int | None = None) -> dict[str, torch.Tensor]:
         """The weights of one state (default: the final one), in timm naming."""
-        row = self._row(model_id, epoch)
-        sd = _read_prefixed(self._file(row), row["tensor_prefix"])
+        row = self.row(model_id, epoch)
+        sd = _read_prefixed(self.verified_path(row), row["tensor_prefix"])
         # safetensors stores keys sorted; hand them back in module order where vitzoo can build the
         # architecture (reading tensors must not depend on it: a newer zoo's unknown model still reads).
         try:
@@ -206,9 +219,7 @@ class Zoo:
 
     def param_order(self, model_id: str) -> list[str]:
         """The stable order of tensors in flat vectors: the architecture's ``state_dict()`` order."""
-        from vitzoo.zoo.weights import param_order
-
-        return param_order(self, model_id)  # the network is built once per distinct architecture
+        return weights.param_order(self, model_id)  # the network is built once per distinct architecture
 
     def to_dataset(self):
         """The index as a ``datasets.Dataset``."""
@@ -217,10 +228,12 @@ class Zoo:
         return datasets.Dataset.from_pandas(self.index, preserve_index=False)
 
     # ------------------------------------------------------------------ weight space (vitzoo.zoo.weights)
+    def _reader_for(self, states: Any) -> tuple[Zoo, Any]:
+        """(the Zoo to read through, the states for it): a view passed as ``states`` reads through itself."""
+        return (states, None) if isinstance(states, Zoo) else (self, states)
+
     def param_layout(self, model_id: str, epoch: int | None = None):
         """Names (in :meth:`param_order`), shapes and dtypes of a state: a ``weights.ParamLayout``."""
-        from vitzoo.zoo import weights
-
         return weights.state_layout(self, model_id, epoch)
 
     def weights_batch(self, states=None, *, layers=None, dtype: torch.dtype = torch.float32):
@@ -228,40 +241,30 @@ class Zoo:
 
         Default: every state of this view. Refuses mixed architectures; reads each file once.
         """
-        from vitzoo.zoo import weights
-
-        return weights.weights_batch(self, states, layers=layers, dtype=dtype)
+        zoo, states = self._reader_for(states)
+        return weights.weights_batch(zoo, states, layers=layers, dtype=dtype)
 
     def split_models(self, seed: int = 0, fractions=(0.7, 0.15, 0.15), group: str = "model") -> dict[str, list[str]]:
         """The model ids of each split (``train``/``val``/``test``): by model, seeded, 70/15/15."""
-        from vitzoo.zoo import weights
-
         return weights.split_models(self.index, seed=seed, fractions=fractions, group=group)
 
     def torch_dataset(self, split: str = "train", seed: int = 0, properties=("test_acc",), epochs=None,
                       layers=None, **kwargs: Any):
         """A torch ``Dataset`` of (weights, properties) samples of one split (``weights.WeightDataset``)."""
-        from vitzoo.zoo import weights
-
         return weights.WeightDataset(self, split, seed=seed, properties=properties, epochs=epochs, layers=layers,
                                      **kwargs)
 
     def tokens(self, model_id: str, epoch: int | None = None, *, token_size: int = 64, layers=None):
         """SANE-style ``(tokens [n, token_size], positions [n, 3], mask [n, token_size])`` of a state."""
-        from vitzoo.zoo import weights
-
         return weights.state_tokens(self, model_id, epoch, token_size=token_size, layers=layers)
 
     def tokens_batch(self, states=None, *, token_size: int = 64, layers=None):
         """``(tokens [n_states, n, token_size], positions, mask, index rows)`` of a set of states."""
-        from vitzoo.zoo import weights
-
-        return weights.tokens_batch(self, states, token_size=token_size, layers=layers)
+        zoo, states = self._reader_for(states)
+        return weights.tokens_batch(zoo, states, token_size=token_size, layers=layers)
 
     def token_layout(self, model_id: str, epoch: int | None = None, *, token_size: int = 64, layers=None):
         """The ``weights.TokenLayout`` that maps this state's parameters to tokens and back."""
-        from vitzoo.zoo import weights
-
         return weights.token_layout(weights.state_layout(self, model_id, epoch).select(layers), token_size)
 
     def detokenize(self, model_id: str, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
@@ -272,9 +275,8 @@ class Zoo:
 
     def layer_stats(self, states=None, *, percentiles=(0, 25, 50, 75, 100), layers=None, long: bool = False):
         """Per-tensor mean, var and percentiles of each state (zoos.md §4) as a DataFrame."""
-        from vitzoo.zoo import weights
-
-        return weights.layer_stats(self, states, percentiles=percentiles, layers=layers, long=long)
+        zoo, states = self._reader_for(states)
+        return weights.layer_stats(zoo, states, percentiles=percentiles, layers=layers, long=long)
 
 
 def _read_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:

@@ -1,9 +1,12 @@
 """Weight-space views of a zoo: flat vectors, batches, model-split datasets, SANE tokens, layer statistics.
 
-Everything here reads weights through a :class:`~vitzoo.zoo.reader.Zoo` (so every file is checked
-against the index's sha256 before its first use) and is exposed as thin methods on ``Zoo``:
+Everything here reads weights through a :class:`ZooReader` (in practice a
+:class:`~vitzoo.zoo.reader.Zoo` or a view of one, so every file is checked against the index's
+sha256 before its first use) and is exposed as thin methods on ``Zoo``:
 ``weights_batch``, ``param_layout``, ``split_models``, ``torch_dataset``, ``tokens``,
-``tokens_batch``, ``token_layout``, ``detokenize`` and ``layer_stats``.
+``tokens_batch``, ``token_layout``, ``detokenize`` and ``layer_stats``. The reader imports this
+module, never the other way round: what is needed of a zoo is the small :class:`ZooReader`
+protocol, and a ``Zoo`` method given a view as ``states`` passes that view as the reader.
 
 Parameter order (stable, documented)
 ------------------------------------
@@ -66,16 +69,14 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import safetensors
 import torch
 from torch.utils.data import Dataset
-
-if TYPE_CHECKING:
-    from vitzoo.zoo.reader import Zoo
 
 #: Default split fractions (train, val, test), as in the reference loaders.
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
@@ -89,7 +90,29 @@ _ST_DTYPES = {
 }
 
 Layers = None | str | Sequence[str] | Callable[[str], bool]
-States = Any  # a Zoo (view), a DataFrame of index rows, or an iterable of (model_id, epoch) pairs
+States = Any  # None (the reader's whole index), a DataFrame of index rows, or an iterable of (model_id, epoch) pairs
+
+
+class ZooReader(Protocol):
+    """What this module needs of a zoo (``vitzoo.zoo.reader.Zoo`` is one)."""
+
+    index: pd.DataFrame
+
+    def row(self, model_id: str, epoch: int | None = None) -> pd.Series:
+        """The index row of a state (default: the model's final state)."""
+        ...
+
+    def verified_path(self, row: pd.Series) -> Path:
+        """The row's weight file, sha256-checked against the index on first use."""
+        ...
+
+    def config(self, model_id: str) -> dict[str, Any]:
+        """The model's ``config.json``."""
+        ...
+
+    def state_dict(self, model_id: str, epoch: int | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of one state."""
+        ...
 
 
 class WeightSpaceError(ValueError):
@@ -210,7 +233,7 @@ def _param_order_for(key: str) -> tuple[str, ...]:
     return tuple(from_config(json.loads(key)).state_dict().keys())
 
 
-def param_order(zoo: Zoo, model_id: str) -> list[str]:
+def param_order(zoo: ZooReader, model_id: str) -> list[str]:
     """``Zoo.param_order`` with the network built once per distinct architecture config (cached)."""
     return list(_param_order_for(_arch_key(zoo.config(model_id))))
 
@@ -229,26 +252,20 @@ def _header_layout(f: Any, prefix: str, order: Sequence[str], where: str) -> Par
     return ParamLayout(tuple(order), tuple(shapes), tuple(dtypes))
 
 
-def state_layout(zoo: Zoo, model_id: str, epoch: int | None = None) -> ParamLayout:
+def state_layout(zoo: ZooReader, model_id: str, epoch: int | None = None) -> ParamLayout:
     """The :class:`ParamLayout` of one state (names in parameter order, shapes and dtypes from the file)."""
-    row = zoo._row(model_id, epoch)
-    with safetensors.safe_open(str(zoo._file(row)), "pt") as f:
+    row = zoo.row(model_id, epoch)
+    with safetensors.safe_open(str(zoo.verified_path(row)), "pt") as f:
         return _header_layout(f, row["tensor_prefix"], param_order(zoo, model_id),
                               f"{row['model_id']} epoch {int(row['epoch'])}")
 
 
 # ====================================================================== reading states
-def _resolve(zoo: Zoo, states: States) -> tuple[Zoo, pd.DataFrame]:
-    """The Zoo to read through (``states`` itself when it is a view) and the index rows, in order."""
-    from vitzoo.zoo.reader import Zoo
-
-    if isinstance(states, Zoo):
-        return states, _rows(states, None)
-    return zoo, _rows(zoo, states)
-
-
-def _rows(zoo: Zoo, states: States) -> pd.DataFrame:
+def _rows(zoo: ZooReader, states: States) -> pd.DataFrame:
     """Index rows for ``states``, in the order given."""
+    if hasattr(states, "verified_path"):  # a view reads through itself: the Zoo methods pass it as `zoo`
+        raise WeightSpaceError("states: a zoo view is a reader, not a set of states; call view.weights_batch() "
+                               "(or pass the view as the first argument)")
     if states is None:
         df = zoo.index
     elif isinstance(states, pd.DataFrame):
@@ -260,13 +277,13 @@ def _rows(zoo: Zoo, states: States) -> pd.DataFrame:
         df = states.to_frame().T
     else:
         pairs = list(states)
-        df = pd.DataFrame([zoo._row(str(m), None if e is None else int(e)) for m, e in pairs])
+        df = pd.DataFrame([zoo.row(str(m), None if e is None else int(e)) for m, e in pairs])
     if df.empty:
         raise WeightSpaceError("no states selected")
     return df.reset_index(drop=True)
 
 
-def _layouts(zoo: Zoo, rows: pd.DataFrame, layers: Layers, check_all: bool = True) -> ParamLayout:
+def _layouts(zoo: ZooReader, rows: pd.DataFrame, layers: Layers, check_all: bool = True) -> ParamLayout:
     """The one layout all ``rows`` share (after ``layers``), or a clear error naming the differences."""
     if not check_all:  # one state per model (the others are checked when read)
         rows = rows.drop_duplicates("model_id")
@@ -274,7 +291,7 @@ def _layouts(zoo: Zoo, rows: pd.DataFrame, layers: Layers, check_all: bool = Tru
     for file, grp in rows.groupby("file", sort=False):
         mid = str(grp["model_id"].iloc[0])
         order = param_order(zoo, mid)
-        with safetensors.safe_open(str(zoo._file(grp.iloc[0])), "pt") as f:
+        with safetensors.safe_open(str(zoo.verified_path(grp.iloc[0])), "pt") as f:
             for _, row in grp.iterrows():
                 lay = _header_layout(f, row["tensor_prefix"], order, f"{mid} epoch {int(row['epoch'])} ({file})")
                 ms = seen.setdefault(lay.select(layers), [])
@@ -292,7 +309,7 @@ def _layouts(zoo: Zoo, rows: pd.DataFrame, layers: Layers, check_all: bool = Tru
     return next(iter(seen))
 
 
-def weights_batch(zoo: Zoo, states: States = None, *, layers: Layers = None,
+def weights_batch(zoo: ZooReader, states: States = None, *, layers: Layers = None,
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, pd.DataFrame]:
     """``[n_states, n_params]`` flat weights of ``states`` (default: the zoo view) and their index rows.
 
@@ -300,13 +317,13 @@ def weights_batch(zoo: Zoo, states: States = None, *, layers: Layers = None,
     Each weight file is opened once and each selected tensor of each state read once. Refuses
     states of different layouts (:class:`WeightSpaceError` naming the layouts and the models).
     """
-    zoo, rows = _resolve(zoo, states)
+    rows = _rows(zoo, states)
     lay: ParamLayout | None = None
     out = torch.empty(0)
     for file, grp in rows.groupby("file", sort=False):
         mid = str(grp["model_id"].iloc[0])
         order = param_order(zoo, mid)
-        with safetensors.safe_open(str(zoo._file(grp.iloc[0])), "pt") as f:
+        with safetensors.safe_open(str(zoo.verified_path(grp.iloc[0])), "pt") as f:
             for pos, row in grp.iterrows():
                 p = row["tensor_prefix"]
                 here = _header_layout(f, p, order, f"{mid} epoch {int(row['epoch'])} ({file})").select(layers)
@@ -425,7 +442,7 @@ class WeightDataset(Dataset):
     ``token_layout.mask`` are shared by all samples.
     """
 
-    def __init__(self, zoo: Zoo, split: str = "train", *, seed: int = 0,
+    def __init__(self, zoo: ZooReader, split: str = "train", *, seed: int = 0,
                  properties: Sequence[str] = ("test_acc",), epochs: Any = None, layers: Layers = None,
                  fractions: Sequence[float] = SPLIT_FRACTIONS, group: str = "model", preload: bool = True,
                  token_size: int | None = None):
@@ -459,7 +476,7 @@ class WeightDataset(Dataset):
             w = self.weights[i]
         else:
             row = self.index.iloc[i]
-            with safetensors.safe_open(str(self.zoo._file(row)), "pt") as f:
+            with safetensors.safe_open(str(self.zoo.verified_path(row)), "pt") as f:
                 p = row["tensor_prefix"]
                 w = self.layout.flatten({n: f.get_tensor(p + n) for n in self.layout.names})
         if self.token_layout is not None:
@@ -600,7 +617,7 @@ def tokenize_state(state: dict[str, torch.Tensor], token_size: int, order: Seque
     return tl.tokenize(lay.flatten(state)), tl.positions.clone(), tl.mask.clone(), tl
 
 
-def state_tokens(zoo: Zoo, model_id: str, epoch: int | None = None, *, token_size: int = 64,
+def state_tokens(zoo: ZooReader, model_id: str, epoch: int | None = None, *, token_size: int = 64,
                  layers: Layers = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens ``[n, token_size]``, positions ``[n, 3]``, mask ``[n, token_size]``) of one state."""
     lay = state_layout(zoo, model_id, epoch).select(layers)
@@ -609,10 +626,10 @@ def state_tokens(zoo: Zoo, model_id: str, epoch: int | None = None, *, token_siz
     return tl.tokenize(lay.flatten(sd)), tl.positions.clone(), tl.mask.clone()
 
 
-def tokens_batch(zoo: Zoo, states: States = None, *, token_size: int = 64, layers: Layers = None
+def tokens_batch(zoo: ZooReader, states: States = None, *, token_size: int = 64, layers: Layers = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, pd.DataFrame]:
     """(tokens ``[n_states, n, token_size]``, positions ``[n, 3]``, mask ``[n, token_size]``, index rows)."""
-    zoo, rows = _resolve(zoo, states)
+    rows = _rows(zoo, states)
     flat, rows = weights_batch(zoo, rows, layers=layers)
     lay = _layouts(zoo, rows.iloc[:1], layers)
     tl = token_layout(lay, token_size)
@@ -629,7 +646,7 @@ def _kind(name: str) -> str:
     return "weight" if name.endswith("weight") else "bias" if name.endswith("bias") else "other"
 
 
-def layer_stats(zoo: Zoo, states: States = None, *, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+def layer_stats(zoo: ZooReader, states: States = None, *, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
                 layers: Layers = None, long: bool = False) -> pd.DataFrame:
     """Per-tensor statistics of every state: mean, var, p<q> for q in ``percentiles``.
 
@@ -639,7 +656,7 @@ def layer_stats(zoo: Zoo, states: States = None, *, percentiles: Sequence[float]
     row per state and tensor with ``model_id, epoch, tensor, kind (weight|bias|other), numel``
     and the statistics. Merge with ``zoo.index`` on ``(model_id, epoch)`` for targets.
     """
-    zoo, rows = _resolve(zoo, states)
+    rows = _rows(zoo, states)
     stat_names = ["mean", "var", *(f"p{q:g}" for q in percentiles)]
     records: list[list[Any]] = []
     col_order: dict[str, None] = {}
@@ -648,7 +665,7 @@ def layer_stats(zoo: Zoo, states: States = None, *, percentiles: Sequence[float]
         names = select_names(param_order(zoo, mid), layers, strict=False)
         for n in names:
             col_order.setdefault(n, None)
-        with safetensors.safe_open(str(zoo._file(grp.iloc[0])), "pt") as f:
+        with safetensors.safe_open(str(zoo.verified_path(grp.iloc[0])), "pt") as f:
             for pos, row in grp.iterrows():
                 for n in names:
                     t = f.get_tensor(row["tensor_prefix"] + n)
