@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import logging
 import os
@@ -48,6 +47,7 @@ PUSH_IGNORE_PATTERNS: tuple[str, ...] = (
 """Never uploaded: training state of unfinished runs, temporary files of atomic writes, our lock."""
 
 _LOCK_NAME = ".vitzoo-push.lock"
+_LOCK_PID_NAME = ".vitzoo-push.pid"
 _VERSION_TAG = re.compile(r"^v(\d+)$")
 
 
@@ -207,19 +207,33 @@ class PushResult:
 
 @contextlib.contextmanager
 def _push_lock(zoo_dir: Path) -> Iterator[None]:
-    """An exclusive, non-blocking flock in the zoo folder: a second concurrent push fails fast."""
+    """An exclusive, non-blocking lock in the zoo folder: a second concurrent push fails fast.
+
+    ``filelock`` (flock on POSIX, ``msvcrt.locking`` on Windows) rather than ``fcntl``, so that
+    importing this module works everywhere. The holder writes its pid beside the lock (the lock
+    file itself cannot be written through a second handle on Windows) so the error can name it.
+    Both files stay in the folder after a push (harmless; ``.vitzoo-*`` is never uploaded).
+    """
+    from filelock import FileLock, Timeout
+
     path = zoo_dir / _LOCK_NAME
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    pid_path = zoo_dir / _LOCK_PID_NAME
+    lock = FileLock(path, timeout=0)  # timeout=0: one try, no waiting
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PushInProgressError(f"another process is pushing {zoo_dir} (lock {path})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        lock.acquire()
+    except Timeout:
+        holder = ""
+        with contextlib.suppress(OSError, ValueError):
+            holder = f", held by pid {int(pid_path.read_text().strip())}"
+        raise PushInProgressError(f"another process is pushing {zoo_dir} (lock {path}{holder}); "
+                                  "wait for it to finish") from None
+    try:
+        with contextlib.suppress(OSError):
+            pid_path.write_text(str(os.getpid()))
+        logger.debug("push lock %s acquired", path)
         yield
     finally:
-        os.close(fd)  # closing releases the lock; the file stays (harmless, never uploaded)
+        lock.release()
 
 
 def _next_version_tag(tags: dict[str, str], commit: str) -> str:
@@ -262,7 +276,11 @@ def push(
         raise FileNotFoundError(f"zoo folder {root} does not exist")
     branch = revision or "main"
     with _push_lock(root):
+        logger.info("checking %s: index.parquet against its files%s", root, " (sha256)" if check_hashes else "")
         contents = verify_zoo(root, check_hashes=check_hashes)
+        logger.info("%d finished models to push (%d files indexed); %d unfinished and %d unindexed left out",
+                    len(contents.indexed_models), len(contents.files), len(contents.unfinished_models),
+                    len(contents.unindexed_models))
         if cards:
             from vitzoo.cards import render_zoo_cards
 
@@ -281,6 +299,8 @@ def push(
             message = commit_message or (f"vitzoo push: {len(contents.indexed_models)} models"
                                          + (f" ({len(contents.unfinished_models)} unfinished not pushed)"
                                             if contents.unfinished_models else ""))
+            logger.info("uploading %s to %s@%s (only files the Hub does not have yet are sent)",
+                        root, repo_id, branch)
             with warnings.catch_warnings():
                 # index.parquet in a model repo is by design (docs/zoo-format.md), not a mistaken dataset.
                 warnings.filterwarnings("ignore", message=".*data file.*model repository", category=UserWarning)
@@ -297,10 +317,11 @@ def push(
                 if tag_name not in tags:
                     api.create_tag(repo_id, tag=tag_name, revision=commit,
                                    tag_message=f"vitzoo zoo version {tag_name}")
+                    logger.info("tagged %s as %s", commit[:10], tag_name)
     result = PushResult(repo_id=repo_id, revision=branch, commit=commit, previous_commit=previous, tag=tag_name,
                         pushed_models=contents.indexed_models, unfinished_models=contents.unfinished_models,
                         unindexed_models=contents.unindexed_models, url=url)
-    logger.info("%s", result)
+    logger.debug("%s", result)  # the caller reports it (the CLI prints it on stdout)
     return result
 
 
@@ -366,6 +387,7 @@ class HubSource:
     def _fetch_meta(self) -> Path:
         from huggingface_hub import snapshot_download
 
+        logger.debug("fetching %s from %s", ", ".join(ZOO_META_FILES), self._where())
         try:
             path = snapshot_download(self.repo_id, revision=self.revision, endpoint=self.endpoint,
                                      token=self._token, cache_dir=self.cache_dir,
@@ -385,6 +407,7 @@ class HubSource:
         cached = self.snapshot_dir / relpath
         if cached.is_file():  # the snapshot is immutable (pinned to a commit sha): no request needed
             return cached
+        logger.debug("fetching %s from %s", relpath, self._where())
         try:
             path = hf_hub_download(self.repo_id, relpath, revision=self.resolved_revision, endpoint=self.endpoint,
                                    token=self._token, cache_dir=self.cache_dir,
