@@ -248,7 +248,7 @@ def test_cli_plan_info_and_errors(tiny_zoo: Path, tiny_recipe: Path, tmp_path: P
     assert res.returncode == 2 and "stages.s.optimiser: unknown key" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "z").exists()
     res = run("info", str(tmp_path / "nothing"))
-    assert res.returncode == 2 and "no such zoo folder" in res.stderr
+    assert res.returncode == 3 and "no such zoo folder" in res.stderr  # a data error (vitzoo.errors.EXIT_CODES)
 
 
 def test_truncated_scratch_state_restarts_the_run(tmp_path: Path) -> None:

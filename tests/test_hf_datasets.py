@@ -318,7 +318,7 @@ def test_generate_names_the_missing_column(hub_dataset: HubDataset, tmp_path: Pa
     proc = _drive(hub_dataset.hub, tmp_path, "cli", "generate",
                   str(_recipe(tmp_path / "bad.yaml", label_column="label")), "--out", str(tmp_path / "z"),
                   "--no-progress")
-    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert proc.returncode == 3, proc.stderr[-4000:]  # a data error (vitzoo.errors.EXIT_CODES)
     assert "data.label_column: column 'label' not in hf:vitzoo-test/tiny-images:train" in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -6,7 +6,6 @@ fetched read the server's request log, so "lazy" and "resumed" are measured, not
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -235,20 +234,51 @@ def test_private_repo_and_token_never_leak(hub, hf_cache, make_zoo, caplog, caps
 
 
 def test_only_one_process_pushes(hub, make_zoo):
+    from filelock import FileLock
+
     zoo = make_zoo(n_models=1)
-    fd = os.open(zoo / ".vitzoo-push.lock", os.O_CREAT | os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    other = FileLock(zoo / ".vitzoo-push.lock", timeout=0)  # another lock object: what a second pusher holds
+    other.acquire()
     try:
-        with pytest.raises(PushInProgressError):
+        with pytest.raises(PushInProgressError, match="another process is pushing"):
             push(zoo, REPO, token=TOKEN, endpoint=hub.endpoint)
     finally:
-        os.close(fd)
+        other.release()
+    assert not hub.requests, "refused before any request"
     assert push(zoo, REPO, token=TOKEN, endpoint=hub.endpoint).tag == "v1"
-    assert ".vitzoo-push.lock" not in hub.files_at(REPO)
+    assert not {".vitzoo-push.lock", ".vitzoo-push.pid"} & set(hub.files_at(REPO))
+
+
+def test_push_lock_held_by_another_process_fails_fast(hub, make_zoo):
+    zoo = make_zoo(n_models=1)
+    holder = textwrap.dedent(f"""
+        import sys
+        from vitzoo.hub import _push_lock
+        from pathlib import Path
+        with _push_lock(Path({str(zoo)!r})):
+            print("locked", flush=True)
+            sys.stdin.readline()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(PushInProgressError, match=f"held by pid {proc.pid}"):
+            push(zoo, REPO, token=TOKEN, endpoint=hub.endpoint)
+    finally:
+        proc.communicate("done\n", timeout=60)
+    assert proc.returncode == 0
+    assert push(zoo, REPO, token=TOKEN, endpoint=hub.endpoint).tag == "v1", "the lock is free once the holder ends"
+
+
+def test_hub_module_imports_without_fcntl():
+    """Windows has no fcntl: importing vitzoo, its Hub module and the CLI must not need it."""
+    code = "import sys; sys.modules['fcntl'] = None\nimport vitzoo, vitzoo.hub, vitzoo.cli\nprint('ok')"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
 def test_cli_push(hub, make_zoo, monkeypatch, capsys):
-    from vitzoo.cli_hub import main
+    from vitzoo.cli import main
 
     zoo = make_zoo(n_models=1, n_unfinished=1)
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # the usual place for a token
@@ -256,7 +286,7 @@ def test_cli_push(hub, make_zoo, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "tag first" in out and "1 unfinished" in out and TOKEN not in out
     (zoo / "index.parquet").unlink()
-    assert main(["push", str(zoo), REPO, "--endpoint", hub.endpoint]) == 1
+    assert main(["push", str(zoo), REPO, "--endpoint", hub.endpoint]) == 3  # a data error (vitzoo.errors.EXIT_CODES)
     assert "index.parquet" in capsys.readouterr().err
 
 

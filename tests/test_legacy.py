@@ -116,7 +116,7 @@ def test_not_a_legacy_zoo(tmp_path):
 
 
 def test_cli_convert_then_push_and_load(legacy, tmp_path, hub, hf_cache, monkeypatch, capsys):
-    from vitzoo.cli_hub import main
+    from vitzoo.cli import main
 
     root, states = legacy
     assert main(["convert", str(root), str(tmp_path / "zoo")]) == 0

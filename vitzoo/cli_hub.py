@@ -2,24 +2,28 @@
 
 Kept apart from the main CLI so that importing it costs nothing (no torch, no huggingface_hub until
 a command runs). ``register(subparsers)`` adds the subcommands; each sets ``fn`` (as vitzoo.cli does) to a callable
-taking the parsed ``argparse.Namespace`` and returning an exit status.
+taking the parsed ``argparse.Namespace`` and returning an exit status. Errors are raised, not printed:
+:func:`vitzoo.cli.main` reports them as one line and maps each class to its exit status.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+from collections.abc import Sequence
 from typing import Any
 
 
-def register(subparsers: Any) -> None:
-    """Add ``push`` (and ``convert`` when available) to an ``argparse`` subparsers object."""
+def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """Add ``push`` (and ``convert`` when available) to an ``argparse`` subparsers object.
+
+    ``parents``: parsers whose options every subcommand also accepts (vitzoo.cli's -v/-q/--log-file).
+    """
     p = subparsers.add_parser(
-        "push", help="upload a zoo folder to the Hugging Face Hub (finished models only) and tag it",
+        "push", parents=list(parents), help="upload a zoo folder to the Hugging Face Hub (finished models only) and tag it",
         description="Upload a zoo folder to a Hub repo: creates the repo if needed, checks index.parquet "
                     "against the files first, skips unfinished models, resumes an interrupted upload and "
                     "tags the pushed version (v1, v2, ... unless --tag is given). The token comes from "
-                    "HF_TOKEN or `hf auth login`.")
+                    "HF_TOKEN or 'hf auth login'.")
     p.add_argument("zoo", help="zoo folder")
     p.add_argument("repo_id", help="Hub repo id, org/name")
     p.add_argument("--revision", default=None, help="branch to push to (default: main; created if missing)")
@@ -35,7 +39,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(fn=cmd_push)
 
     c = subparsers.add_parser(
-        "convert", help="convert a legacy (Ray Tune layout) model zoo into a vitzoo zoo folder",
+        "convert", parents=list(parents), help="convert a legacy (Ray Tune layout) model zoo into a vitzoo zoo folder",
         description="Read a zoo in the original Ray Tune layout (params.json, result.json, "
                     "checkpoint_*/checkpoints) and write it in the vitzoo format. Checkpoints are read with "
                     "torch.load(weights_only=True) only; anything else is refused.")
@@ -47,41 +51,22 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from vitzoo.hub import HubError, push
+    from vitzoo.hub import push
 
-    try:
-        result = push(args.zoo, args.repo_id, revision=args.revision,
-                      tag=False if args.no_tag else args.tag, endpoint=args.endpoint, private=args.private,
-                      check_hashes=not args.no_verify_hashes, cards=not args.no_cards)
-    except (HubError, FileNotFoundError) as err:
-        print(f"vitzoo push: error: {err}", file=sys.stderr)
-        return 1
-    print(result)
+    result = push(args.zoo, args.repo_id, revision=args.revision,
+                  tag=False if args.no_tag else args.tag, endpoint=args.endpoint, private=args.private,
+                  check_hashes=not args.no_verify_hashes, cards=not args.no_cards)
+    print(result)  # the command's result (stdout); progress went to the log (stderr)
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from vitzoo.errors import UsageError
+
     try:
-        from vitzoo.zoo.legacy import LegacyZooError, convert
+        from vitzoo.zoo.legacy import convert
     except ImportError:  # pragma: no cover - legacy support not installed
-        print("vitzoo convert: legacy conversion is not available in this version", file=sys.stderr)
-        return 2
-    try:
-        summary = convert(args.legacy, args.zoo, name=args.name, architecture=args.architecture)
-    except (LegacyZooError, FileNotFoundError) as err:
-        print(f"vitzoo convert: error: {err}", file=sys.stderr)
-        return 1
+        raise UsageError("legacy conversion is not available in this version") from None
+    summary = convert(args.legacy, args.zoo, name=args.name, architecture=args.architecture)
     print(summary)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (tests, or before vitzoo.cli wires these in)."""
-    parser = argparse.ArgumentParser(prog="vitzoo")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.fn(args))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
