@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # debt of issue 8; remove entries as the engine lands, never add
 KNOWN_PRIVATE_IMPORTS = {
     ("vitzoo.train.sparsify_population", "vitzoo.train.population", "_eval_chunk"),
-    ("vitzoo.train.sparsify_population", "vitzoo.train.population", "_mix_seed"),
     ("vitzoo.train.vit_population", "vitzoo.train.loop", "_amp_dtype"),
     ("vitzoo.train.vit_population", "vitzoo.train.loop", "_build"),
     ("vitzoo.train.vit_population", "vitzoo.train.loop", "_eval_batches"),

@@ -7,7 +7,6 @@ epoch to float tolerance (the grouped convolution of vmap sums in a different or
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytest
@@ -19,8 +18,6 @@ from vitzoo.train.population import (
     CropFlip,
     PopulationMember,
     crop_flip,
-    epoch_permutation,
-    lr_factor,
     member_replace,
     train_one_by_one,
     train_population,
@@ -143,26 +140,6 @@ def test_auto_mode_small_groups_train_one_by_one(digits: Any) -> None:
     a = train_population("cnn-s", 1, 10, MEMBERS[:2], tx[:20], ty[:20], {"t": (tx[:20], ty[:20])}, 1, 10, "cpu")
     b = train_one_by_one("cnn-s", 1, 10, MEMBERS[:2], tx[:20], ty[:20], {"t": (tx[:20], ty[:20])}, 1, 10, "cpu")
     assert a == b  # bitwise: the same loop ran
-
-
-def test_epoch_permutation_is_deterministic_and_per_seed() -> None:
-    a = epoch_permutation(3, 1, 100)
-    assert torch.equal(a, epoch_permutation(3, 1, 100))
-    assert not torch.equal(a, epoch_permutation(3, 2, 100))
-    assert not torch.equal(a, epoch_permutation(4, 1, 100))
-    assert sorted(a.tolist()) == list(range(100))
-
-
-def test_onecycle_matches_torch() -> None:
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=0.05, momentum=0.9)
-    total = 57
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=total, cycle_momentum=False)
-    for step in range(total):
-        assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * lr_factor("onecycle", step, total), rel=1e-9)
-        opt.step()
-        sched.step()
-    assert lr_factor("cosine", 0, 10) == 1.0 and math.isclose(lr_factor("cosine", 10, 10), 0.0, abs_tol=1e-12)
 
 
 def test_crop_flip_is_seeded_and_keeps_shape() -> None:

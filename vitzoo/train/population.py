@@ -28,8 +28,8 @@ Semantics, shared exactly by the vectorised engine and the reference loop (:func
 
 - Init: ``vitzoo.models.cnn.build_cnn(arch, ..., seed=member.init_seed)`` (local generator).
 - Data order: epoch ``e`` (1-based) visits the training set in the order
-  :func:`epoch_permutation` ``(data_seed, e, N)``; batches are consecutive slices of it, the last
-  one may be smaller (like a DataLoader with ``shuffle=True, drop_last=False``).
+  :func:`vitzoo.train.seeds.epoch_order` ``(data_seed, e, N)``; batches are consecutive slices of it,
+  the last one kept or dropped by :func:`vitzoo.train.seeds.drop_last` (the rule of every path).
 - Loss: ``F.cross_entropy`` (= log_softmax + NLL, mean over the batch).
 - Optimizers: ``adam`` matches ``torch.optim.Adam`` (coupled, L2-style ``weight_decay`` added to the
   gradient) and ``sgd`` matches ``torch.optim.SGD(momentum=..., dampening=0, nesterov=False)``,
@@ -38,9 +38,10 @@ Semantics, shared exactly by the vectorised engine and the reference loop (:func
 - Schedule: a per-step multiplier of each model's lr (``constant``, ``cosine``, ``onecycle`` as
   ``torch.optim.lr_scheduler.OneCycleLR``'s lr curve with its defaults, momentum not cycled), or any
   ``f(step, total_steps) -> float``; the reference loop applies the same through ``LambdaLR``.
-- Divergence: a step whose loss or gradient is not finite is not applied and the model is frozen
-  from then on (``status: diverged``, ``diverged_step``); the others go on. No host sync per step:
-  the check is a device-side mask.
+- Divergence: a model whose loss or gradient turns non-finite is ``diverged`` (``diverged_step``: the
+  first such step) and frozen; the others go on. The population freezes it at that step (a device-side
+  mask), the reference loop at the start of that epoch (its last good state; the check is read once per
+  epoch). No host sync per step on either path; zoos keep the last good epoch either way.
 - Metrics per epoch and eval set: ``<name>_loss`` (mean CE) and ``<name>_acc`` (top-1), models in
   eval mode; plus ``running_loss`` / ``running_acc``: the averages over the epoch's training
   batches before each update (None at epoch 0), which is what the legacy zoos report as train
@@ -79,7 +80,6 @@ On CPU, groups of fewer than ``MIN_POPULATION['cpu']`` models are trained by the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -94,6 +94,8 @@ from torch.func import functional_call, grad_and_value, vmap
 from vitzoo.models.cnn import build_cnn
 from vitzoo.train import functional_optim as fopt
 from vitzoo.train.population_state import Snapshot, SnapshotStore, rng_state, set_rng_state
+from vitzoo.train.schedule import lr_factor
+from vitzoo.train.seeds import augment_generator, epoch_order, mix, steps_per_epoch
 
 Schedule = str | Callable[[int, int], float]
 OnEpoch = Callable[[int, list[dict[str, Tensor]], list[dict[str, Any]]], None]
@@ -163,45 +165,12 @@ class PopulationMember:
 # --------------------------------------------------------------------------- shared pieces
 
 
-def _mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, decorrelated (sha256), stable across platforms and versions."""
-    h = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") & (2**63 - 1)
-
-
-def epoch_permutation(data_seed: int, epoch: int, n: int) -> Tensor:
-    """The order in which a model with ``data_seed`` visits ``n`` training samples in ``epoch``.
-
-    A CPU generator seeded per (data_seed, epoch): the same on every device and independent of how
-    many models train together or in which order, which is what makes a population member's data
-    order identical to its one-by-one run.
-    """
-    g = torch.Generator(device="cpu").manual_seed(_mix_seed(data_seed, epoch))
-    return torch.randperm(n, generator=g)
-
-
-def lr_factor(schedule: Schedule, step: int, total: int) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` (0-based) of ``total``."""
+def step_factor(schedule: Schedule, step: int, total: int) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based) of ``total``: a callable, or a name
+    of :func:`vitzoo.train.schedule.lr_factor` (no warmup)."""
     if callable(schedule):
         return float(schedule(step, total))
-    if schedule == "constant":
-        return 1.0
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
-    if schedule == "onecycle":
-        # torch.optim.lr_scheduler.OneCycleLR defaults: pct_start .3, div_factor 25,
-        # final_div_factor 1e4, cosine annealing, two phases.
-        initial, final = 1.0 / 25.0, 1.0 / 25.0 / 1e4
-        end1 = 0.3 * total - 1
-        end2 = total - 1
-
-        def cos_anneal(start: float, end: float, pct: float) -> float:
-            return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
-
-        if step <= end1:
-            return cos_anneal(initial, 1.0, step / end1 if end1 > 0 else 1.0)
-        return cos_anneal(1.0, final, (step - end1) / (end2 - end1) if end2 > end1 else 1.0)
-    raise ValueError(f"unknown schedule {schedule!r}; allowed: constant, cosine, onecycle or a callable")
+    return lr_factor(schedule, step, total)
 
 
 @dataclass(frozen=True)
@@ -235,10 +204,6 @@ def crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4, flip: bool = 
     bi = torch.arange(b, device=dev)[:, None, None]
     out = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (b, h, w, c)
     return out.permute(0, 3, 1, 2).contiguous()
-
-
-def _n_steps(n: int, batch_size: int) -> int:
-    return (n + batch_size - 1) // batch_size
 
 
 def _group_key(m: PopulationMember) -> tuple[Any, ...]:
@@ -486,7 +451,7 @@ def _train_vectorised(arch: str, in_chans: int, num_classes: int, members: Seque
     if start is not None:
         pop.load(start)
     n = len(train_x)
-    steps = _n_steps(n, batch_size)
+    steps = steps_per_epoch(n, batch_size)
     total = steps * epochs
     act = activation_bytes_per_sample(pop.template, tuple(train_x.shape[1:]))
     chunk = _eval_chunk(pop.P, act, eval_budget)
@@ -501,8 +466,10 @@ def _train_vectorised(arch: str, in_chans: int, num_classes: int, members: Seque
             for i, (lo, ac) in enumerate(zip(loss.tolist(), acc.tolist(), strict=True)):
                 mets[i][f"{name}_loss"], mets[i][f"{name}_acc"] = lo, ac
         rl, ra = pop.running()
+        factor = step_factor(schedule, gstep - 1, total) if epoch else 0.0
         for i in range(pop.P):
             mets[i]["running_loss"], mets[i]["running_acc"] = rl[i], ra[i]
+            mets[i]["lr"] = members[i].lr * factor
         pop.reset_running()
         alive = pop.alive.tolist()
         dstep = pop.diverged_step.tolist()
@@ -519,17 +486,16 @@ def _train_vectorised(arch: str, in_chans: int, num_classes: int, members: Seque
             report(0)
         first, gstep = (start.epoch + 1, start.step) if start is not None else (1, 0)
         for epoch in range(first, epochs + 1):
-            perms = torch.stack([epoch_permutation(m.data_seed, epoch, n) for m in members]).to(device)
+            perms = torch.stack([epoch_order(m.data_seed, epoch, n) for m in members]).to(device)
             # Each model's own augmentation stream, seeded as train_one seeds it: the same crops and flips.
-            gens = [torch.Generator(device=device).manual_seed(_mix_seed(m.data_seed, epoch, 1))
-                    for m in members] if augment is not None else []
+            gens = [augment_generator(m.data_seed, epoch, device) for m in members] if augment is not None else []
             for s in range(steps):
                 idx = perms[:, s * batch_size:(s + 1) * batch_size]
                 xb = train_x[idx]
                 if augment is not None:
                     xb = torch.stack([crop_flip(xb[i], g, augment.pad, augment.flip, augment.fill)
                                       for i, g in enumerate(gens)])
-                pop.train_step(xb, train_y[idx], lr_factor(schedule, gstep, total), gstep)
+                pop.train_step(xb, train_y[idx], step_factor(schedule, gstep, total), gstep)
                 gstep += 1
             del perms
             report(epoch)
@@ -550,7 +516,7 @@ def _seed_dropout(start: Snapshot | None, device: torch.device, *seed: int) -> N
     if start is not None and start.rng:
         set_rng_state(start.rng, device)
     else:
-        torch.manual_seed(_mix_seed(*seed, *([start.epoch] if start is not None else [])))
+        torch.manual_seed(mix(*seed, *([start.epoch] if start is not None else [])))
 
 
 def _checkpoint(store: SnapshotStore | None, epoch: int, epochs: int, snapshot: Callable[[int], Snapshot],
@@ -616,7 +582,7 @@ def train_one(arch: str, in_chans: int, num_classes: int, member: PopulationMemb
     model = build_cnn(arch, in_chans, num_classes, m.activation, m.dropout, m.init, m.init_seed).to(dev)
     opt = _make_optimizer(model, m)
     n = len(train_x)
-    steps = _n_steps(n, batch_size)
+    steps = steps_per_epoch(n, batch_size)
     total = steps * epochs
     history: list[dict[str, Any]] = []
     diverged_step: int | None = None
@@ -633,6 +599,7 @@ def train_one(arch: str, in_chans: int, num_classes: int, member: PopulationMemb
         met["running_loss"] = float(running["loss"]) / seen if seen else None
         met["running_acc"] = float(running["correct"]) / seen if seen else None
         running.update(loss=torch.zeros_like(running["loss"]), correct=torch.zeros_like(running["correct"]), seen=0)
+        met["lr"] = m.lr * step_factor(schedule, gstep - 1, total) if epoch else 0.0
         for name, (ex, ey) in evals.items():
             met[f"{name}_loss"], met[f"{name}_acc"] = _evaluate_one(model, ex, ey, eval_batch_size)
         if diverged_step is not None:
@@ -648,11 +615,13 @@ def train_one(arch: str, in_chans: int, num_classes: int, member: PopulationMemb
         first, gstep = (start.epoch + 1, start.step) if start is not None else (1, 0)
         for epoch in range(first, epochs + 1):
             if diverged_step is None:
+                first_bad = torch.full((), -1, dtype=torch.long, device=dev)
+                good = {k: v.clone() for k, v in model.state_dict().items()}  # restored if the epoch diverges
                 model.train()
-                perm = epoch_permutation(m.data_seed, epoch, n).to(dev)
+                perm = epoch_order(m.data_seed, epoch, n).to(dev)
                 gen = None
                 if augment:
-                    gen = torch.Generator(device=dev).manual_seed(_mix_seed(m.data_seed, epoch, 1))
+                    gen = augment_generator(m.data_seed, epoch, dev)
                 for s in range(steps):
                     idx = perm[s * batch_size:(s + 1) * batch_size]
                     x, y = train_x[idx], train_y[idx]
@@ -663,22 +632,24 @@ def train_one(arch: str, in_chans: int, num_classes: int, member: PopulationMemb
                     logits = model(x)
                     loss = F.cross_entropy(logits, y)
                     loss.backward()
-                    finite = torch.isfinite(loss)
-                    for p in model.parameters():
-                        if p.grad is not None:
-                            finite = finite & torch.isfinite(p.grad).all()
-                    if not bool(finite):
-                        diverged_step = gstep
-                        break
+                    # No host sync per step: the first non-finite loss or gradient is noted on the device
+                    # (a non-finite entry makes its tensor's norm non-finite) and read once per epoch.
+                    grads = [p.grad for p in model.parameters() if p.grad is not None]
+                    finite = torch.isfinite(loss) & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+                    first_bad = torch.where(~finite & (first_bad < 0), gstep, first_bad)
                     if m.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), m.grad_clip, foreach=False)
                     for g in opt.param_groups:  # = LambdaLR: base lr x the schedule's factor at this step
-                        g["lr"] = m.lr * lr_factor(schedule, gstep, total)
+                        g["lr"] = m.lr * step_factor(schedule, gstep, total)
                     opt.step()
                     gstep += 1
                     running["loss"] += loss.detach().double() * len(y)
                     running["correct"] += (logits.detach().argmax(-1) == y).sum()
                     running["seen"] += len(y)
+                if int(first_bad) >= 0:  # the epoch's one sync: the model diverged in it, and is frozen
+                    diverged_step = int(first_bad)  # at its last good (finite) state, the epoch's start
+                    model.load_state_dict(good)
+                del good
             report(epoch)
             _checkpoint(store, epoch, epochs, lambda e, s=gstep, d=diverged_step: _snapshot_one(model, opt, e, s, d, m.name),
                         stop_after_epoch)

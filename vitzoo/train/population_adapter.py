@@ -21,7 +21,8 @@ from typing import Any
 
 from vitzoo.data.pipeline import preprocessing_for
 from vitzoo.plan import RunSpec, population_key, populations
-from vitzoo.train.population import CropFlip, PopulationMember, lr_factor
+from vitzoo.train.population import CropFlip, PopulationMember
+from vitzoo.train.schedule import lr_schedule
 
 #: Optimizer names of the recipes the engine implements, and its name for them.
 OPTIMIZERS = {"adam": "adam", "sgd": "sgd"}
@@ -79,19 +80,9 @@ split_runs = populations
 
 
 def schedule_for(run: RunSpec, steps_per_epoch: int) -> Callable[[int, int], float]:
-    """The run's lr multiplier per optimizer step, identical to what the per-run loop uses.
-
-    Uses ``vitzoo.train.loop.lr_schedule`` (warmup, min_lr_ratio, onecycle) when it is importable
-    so both paths share one definition; otherwise the engine's own ``lr_factor`` by name.
-    """
-    try:
-        from vitzoo.train.loop import lr_schedule
-
-        lr_at = lr_schedule(run.config, steps_per_epoch)
-        return lambda step, _total: lr_at(step)
-    except ImportError:  # pragma: no cover - loop.py is part of the package
-        name = run.config.schedule.name
-        return lambda step, total: lr_factor(name, step, total)
+    """The run's lr multiplier per optimizer step: the per-run loop's own (warmup, min_lr_ratio, onecycle)."""
+    lr_at = lr_schedule(run.config, steps_per_epoch)
+    return lambda step, _total: lr_at(step)
 
 
 def engine_kwargs(run: RunSpec, steps_per_epoch: int) -> dict[str, Any]:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitzoo.data.pipeline import EpochSampler, Preprocessing, preprocessing_for
+from vitzoo.data.pipeline import Preprocessing, preprocessing_for
 from vitzoo.data.sources import SplitData
 from vitzoo.plan import RunSpec
 from vitzoo.recipe import StageConfig
@@ -57,11 +57,11 @@ from vitzoo.train.loop import (
     end_epoch,
     finish_run,
     load_parent,
-    lr_schedule,
     progress_bar,
     restore,
-    seed_everything,
 )
+from vitzoo.train.schedule import lr_schedule
+from vitzoo.train.seeds import epoch_order, seed_module_rngs, steps_per_epoch
 from vitzoo.zoo.writer import RunWriter
 
 #: Molchanov et al. (2017), eq. 14: the fitted approximation of -KL(q(w|theta, alpha) || log-uniform prior).
@@ -311,10 +311,8 @@ def train_sparsify_run(spec: RunSpec, ctx: RunContext, *, noise: bool = True) ->
     n_train = x_train.shape[0]
     if n_train == 0:
         raise ValueError(f"{spec.run_id}: the training split is empty")
-    drop_last = n_train >= cfg.batch_size
-    steps_per_epoch = n_train // cfg.batch_size if drop_last else 1
-    sampler = EpochSampler(n_train, spec.data_seed)
-    lr_at = lr_schedule(cfg, steps_per_epoch)
+    steps = steps_per_epoch(n_train, cfg.batch_size)
+    lr_at = lr_schedule(cfg, steps)
     saved = set(cfg.saved_epochs())
 
     def evaluate() -> dict[str, Any]:
@@ -338,21 +336,20 @@ def train_sparsify_run(spec: RunSpec, ctx: RunContext, *, noise: bool = True) ->
         start_epoch, twin.built.export() if start_epoch not in saved else None)
 
     status = "done"
-    bar = progress_bar(ctx, cfg.epochs * steps_per_epoch, spec.run_id, start_epoch * steps_per_epoch)
+    bar = progress_bar(ctx, cfg.epochs * steps, spec.run_id, start_epoch * steps)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        seed_everything(spec.init_seed, spec.data_seed, epoch)
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(iter(sampler)), device=x_train.device)
+        seed_module_rngs(spec.init_seed, spec.data_seed, epoch)
+        order = epoch_order(spec.data_seed, epoch, n_train).to(x_train.device)
         kl_scale = sp.kl_weight * kl_ramp(epoch, cfg.epochs) / n_train
         net.train()
         total = torch.zeros((), device=ctx.device)
         total_kl_sum = torch.zeros((), device=ctx.device)
         seen = 0
         diverged = False
-        for i in range(steps_per_epoch):
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size] if drop_last else order
+        for i in range(steps):
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             x, y = x_train[idx], y_train[idx]
-            step = (epoch - 1) * steps_per_epoch + i
+            step = (epoch - 1) * steps + i
             for g in optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * lr_at(step)
             ce = F.cross_entropy(net(x), y)
@@ -380,7 +377,7 @@ def train_sparsify_run(spec: RunSpec, ctx: RunContext, *, noise: bool = True) ->
             break
         state = twin.built.export()
         history.append(history_row(epoch, metrics, optimizer.param_groups[0]["lr"], objective,
-                                   (total_kl_sum / steps_per_epoch).item(), state, twin.weight_keys))
+                                   (total_kl_sum / steps).item(), state, twin.weight_keys))
         last_good = end_epoch(ctx, writer, epoch, state, saved, history, net, optimizer, t_start)
     if bar is not None:
         bar.close()

@@ -14,8 +14,8 @@ Semantics, equal to :func:`~vitzoo.train.sparsify.train_sparsify_run` for each t
 
 - start: the parent's state at ``parent_epoch``; ``log_sigma2`` at ``log_sigma2_init``; epoch 0 is
   the parent's state unchanged, evaluated unpruned;
-- data order: :class:`~vitzoo.data.pipeline.EpochSampler` ``(n_train, data_seed)`` per epoch, batches
-  of ``batch_size`` with the last partial batch dropped (all of the set in one batch if it is smaller);
+- data order and last batch: :func:`~vitzoo.train.seeds.epoch_order` ``(data_seed, epoch, n_train)``,
+  batches of ``batch_size``, the last partial one kept or dropped by :func:`~vitzoo.train.seeds.drop_last`;
 - loss per batch: cross-entropy (mean) + ``kl_weight * kl_ramp(epoch, epochs) / N_train * KL`` (per-twin
   ``kl_weight``); per-twin lr schedule (the stage's, via ``loop.lr_schedule``);
 - optimizer: the twin's own ``torch.optim`` object (built by ``sparsify._optimizer``: weight decay on
@@ -43,7 +43,7 @@ Known differences (documented; tested in tests/test_sparsify_population.py):
   every epoch from the epoch and the run ids of the sub-population (forked, so the caller's RNG is
   untouched). A twin's noise therefore depends on its companions (the sub-population, which depends on
   the population size chosen for the device), whereas the one-by-one path seeds per twin and epoch
-  (``seed_everything``). Both are reproducible; they are not equal to each other. A population resumed
+  (``seeds.seed_module_rngs``). Both are reproducible; they are not equal to each other. A population resumed
   with the same members continues exactly as if never stopped; one resumed with other companions (a
   diverged or already finished twin dropped, another device) draws other noise from the resume on.
   ``noise=False`` (tests only) trains on the mean of the local reparameterisation in both paths; then
@@ -90,17 +90,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
-from vitzoo.data.pipeline import EpochSampler
 from vitzoo.plan import RunSpec, canonical_json
 from vitzoo.train.functional_optim import adam_, clip_coefficients, sgd_
-from vitzoo.train.loop import RunContext, end_epoch, load_parent, lr_schedule, progress_bar, restore
+from vitzoo.train.loop import RunContext, end_epoch, load_parent, progress_bar, restore
 from vitzoo.train.population import (
     _eval_chunk,
-    _mix_seed,
     activation_bytes_per_sample,
     balanced_chunks,
     max_population_size,
 )
+from vitzoo.train.schedule import lr_schedule
+from vitzoo.train.seeds import epoch_order, mix, steps_per_epoch
 from vitzoo.train.sparsify import (
     TRAIN_EVAL_LIMIT,
     Twin,
@@ -361,9 +361,9 @@ class _TwinPopulation:
         self.n_train = len(self.train_y)
         if self.n_train == 0:
             raise ValueError(f"{t0.spec.run_id}: the training split is empty")
-        self.drop_last = self.n_train >= cfg.batch_size
-        self.steps = self.n_train // cfg.batch_size if self.drop_last else 1
-        self.batch = cfg.batch_size if self.drop_last else self.n_train
+        self.steps = steps_per_epoch(self.n_train, cfg.batch_size)
+        self.batch = min(cfg.batch_size, self.n_train)
+        self.seen = min(self.steps * cfg.batch_size, self.n_train)  # samples visited per epoch
         self.step_count = members[0].start * self.steps  # optimizer steps taken (Adam's ``step``)
         self.lr_at = lr_schedule(cfg, self.steps)
         splits = ["train", "val"] + (["test"] if t0.data.test is not None else [])
@@ -570,14 +570,12 @@ class _TwinPopulation:
                 m.last_good = (0, None)
         digest = int.from_bytes(hashlib.sha256(",".join(m.twin.spec.run_id for m in members).encode()).digest()[:8],
                                 "little")
-        samplers = [EpochSampler(self.n_train, m.twin.spec.data_seed) for m in members]
         bar = progress_bar(ctx, (epochs - start) * self.steps, f"twins x{P}", 0)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             for epoch in range(start + 1, epochs + 1):
-                torch.manual_seed(_mix_seed(_NOISE_STREAM, epoch, digest))
-                for s in samplers:
-                    s.set_epoch(epoch)
-                order = torch.tensor([list(iter(s)) for s in samplers], device=self.device)  # (P, N)
+                torch.manual_seed(mix(_NOISE_STREAM, epoch, digest))
+                order = torch.stack([epoch_order(m.twin.spec.data_seed, epoch, self.n_train)
+                                     for m in members]).to(self.device)  # (P, N)
                 kl_scale = (self.kl_weight * kl_ramp(epoch, epochs) / self.n_train).float()  # sparsify.py's order
                 self.loss_sum = torch.zeros(P, dtype=torch.float64, device=self.device)
                 self.kl_sum = torch.zeros(P, dtype=torch.float64, device=self.device)
@@ -604,8 +602,7 @@ class _TwinPopulation:
                    share: Callable[[_Member], float]) -> Iterator[dict[str, Any]]:
         """After an epoch: divergence, evaluation, history, states and resume points of every twin."""
         alive = self.alive.tolist()  # one host sync per epoch
-        seen = self.steps * self.batch
-        objective = (self.loss_sum / seen).tolist()
+        objective = (self.loss_sum / self.seen).tolist()
         kl = (self.kl_sum / self.steps).tolist()
         metrics = self.evaluate()
         states = self.pruned_states()

@@ -16,7 +16,7 @@ member's saved states equal, to float tolerance, what ``train_run`` would save f
 - Init: every member is built by the loop's own builder (``loop._build``: parent backbone, head
   seeded by ``init_seed``), then its parameters are stacked.
 - Data: every member has the loop's own loader (``train_loader``, sampler seeded per
-  ``data_seed``, ``seed_everything(init_seed, data_seed, epoch)`` before each epoch's iterator).
+  ``data_seed``, ``seeds.seed_module_rngs(init_seed, data_seed, epoch)`` before each epoch's iterator).
   With ``num_workers=0`` augmentations draw from the global RNGs (torch, numpy, random), so each
   member keeps its own copy of those RNG states and they are swapped in around its ``next()``:
   each member sees the very batches (and augmentations) it would see when trained alone.
@@ -96,14 +96,14 @@ from vitzoo.train.loop import (
     _supervised_loss,
     finish_run,
     load_parent,
-    lr_schedule,
     make_optimizer,
     progress_bar,
     restore,
-    seed_everything,
     train_run,
 )
 from vitzoo.train.population import _free_bytes, activation_bytes_per_sample, balanced_chunks
+from vitzoo.train.schedule import lr_schedule
+from vitzoo.train.seeds import seed_module_rngs
 from vitzoo.zoo.writer import RunWriter
 
 #: The shared environment switch (:data:`vitzoo.train.population.ENV_SWITCH`): ``on`` (vectorise every
@@ -343,7 +343,7 @@ class _Member:
 
     def start_epoch(self, epoch: int) -> None:
         """What ``train_run`` does at the top of an epoch, then park this member's RNG state."""
-        seed_everything(self.spec.init_seed, self.spec.data_seed, epoch)
+        seed_module_rngs(self.spec.init_seed, self.spec.data_seed, epoch)
         self.sampler.set_epoch(epoch)
         self.it = iter(self.loader)
         self.rng = _get_rng()
