@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -28,7 +29,7 @@ def test_zoo_card_matches_index(make_zoo):
     text = card.text
     assert f"| pretrain | 3 | {len(index)} | 3 | 0 |" in text
     assert "| pretrain | `optimizer.lr` | 0.0001, 0.001 |" in text
-    assert 'vitzoo.load("org/tiny")' in text and "@misc{" in text
+    assert 'vitzoo.load("org/tiny", revision="main")' in text and "@misc{" in text
     png = zoo / "plots" / "accuracy_pretrain.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(plots/accuracy_pretrain.png)" in text
     model_cards = {p.parent.name for p in written if p.parent.parent.name == "models"}
@@ -95,3 +96,62 @@ def test_cards_pass_hub_yaml_validation_and_push(hub, make_zoo):
     meta = [r for r in hub.requests if r.path == "/api/validate-yaml"]
     assert meta and all(r.status == 200 for r in meta)
     assert json.loads((zoo / "zoo.json").read_text())["format_version"] == 1
+
+
+def _as_vits(zoo):
+    """Give a test zoo's models a ViT config.json (cards read it to decide which loaders work)."""
+    from vitzoo.models import vit
+
+    for folder in (zoo / "models").iterdir():
+        cfg = json.loads((folder / "config.json").read_text())
+        args = {"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "patch_size": 4, "img_size": 16,
+                "in_chans": 3}
+        pcfg = {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 3,
+                "url": "https://example.org/imagenet.npz", "hf_hub_id": "timm/vit_tiny_patch16_224.augreg_in21k"}
+        new = vit.config_json("vit_tiny_patch16_224", args, 3, ["a", "b", "c"], pcfg, 32, cfg["vitzoo"])
+        assert "url" not in new["pretrained_cfg"] and new["vitzoo"]["architecture"] == "ViT-mu/4 at 16px"
+        (folder / "config.json").write_text(json.dumps(new))
+    return zoo
+
+
+def _code_blocks(text):
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+@pytest.mark.parametrize("revision", [None, "v3"])
+def test_cards_show_exact_load_snippets(make_zoo, revision):
+    """Every card shows vitzoo, timm, transformers and pipeline code with the repo, subfolder and revision
+    filled in (tests/test_hub_loading.py runs these very blocks against a Hub server)."""
+    zoo = _as_vits(make_zoo(n_models=2))
+    render_zoo_cards(zoo, repo_id="org/tiny", revision=revision, plots=False)
+    rev = revision or "main"
+    for mid in pd.read_parquet(zoo / "index.parquet")["model_id"].unique():
+        text = (zoo / "models" / mid / "README.md").read_text()
+        blocks = _code_blocks(text)
+        assert len(blocks) == 4
+        for code in blocks:
+            compile(code, mid, "exec")  # valid Python as pasted
+            assert f'revision="{rev}"' in code
+        vz, tm, hf, pipe = blocks
+        assert f'vitzoo.load("org/tiny", revision="{rev}")' in vz and f'zoo.model("{mid}")' in vz
+        assert (f'snapshot_download("org/tiny", revision="{rev}", allow_patterns=[' in tm
+                and f'"models/{mid}/config.json", "models/{mid}/model.safetensors"]' in tm
+                and f'timm.create_model(f"local-dir:{{folder}}/models/{mid}", pretrained=True)' in tm)
+        assert "import vitzoo" not in tm + hf + pipe  # ViTs load without vitzoo
+        assert (f'AutoModelForImageClassification.from_pretrained("org/tiny", subfolder="models/{mid}",' in hf)
+        assert (f'pipeline("image-classification", model="org/tiny", revision="{rev}",' in pipe
+                and f'model_kwargs={{"subfolder": "models/{mid}"}}' in pipe)
+    zoo_text = (zoo / "README.md").read_text()
+    zoo_blocks = _code_blocks(zoo_text)
+    assert len(zoo_blocks) == 4 and all(f'revision="{rev}"' in b for b in zoo_blocks)
+    example = re.search(r"For example `([^`]+)`", zoo_text)[1]
+    assert f'subfolder="models/{example}"' in zoo_blocks[2]
+
+
+def test_cards_explain_models_timm_cannot_build(make_zoo):
+    zoo = make_zoo(n_models=1)  # config.json architecture "vitzoo/test-mlp": not a timm model
+    render_zoo_cards(zoo, repo_id="org/tiny", plots=False)
+    (mid,) = pd.read_parquet(zoo / "index.parquet")["model_id"].unique()
+    text = (zoo / "models" / mid / "README.md").read_text()
+    assert len(_code_blocks(text)) == 1 and "timm.create_model" not in text
+    assert "> timm and transformers cannot build this model" in text and "`vitzoo/test-mlp`" in text

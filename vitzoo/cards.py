@@ -162,6 +162,102 @@ class ZooFacts:
         return rows
 
 
+def _q(text: Any) -> str:
+    """A Python string literal for generated code (repo ids and model ids never need escapes)."""
+    return json.dumps(str(text))
+
+
+def load_snippets(repo_id: str, model_id: str, config: dict[str, Any] | None, *, revision: str | None = None,
+                  example_epoch: int | None = None) -> dict[str, Any]:
+    """The code a card shows to load one model of a published zoo, each part runnable as pasted.
+
+    Keys ``vitzoo``, ``timm`` (snapshot of the model's two files, then ``local-dir:``),
+    ``transformers`` (``from_pretrained(repo, subfolder=..., revision=...)``, TimmWrapper) and
+    ``pipeline``; a library that cannot build this model gets ``None`` and the reason in ``notes``.
+    ``config`` is the model's config.json (what decides which loaders work). tests/test_hub_loading.py
+    runs these exact texts against a Hub server and compares the logits with ``vitzoo.load``'s.
+    """
+    from vitzoo.models import cnn_variant, timm_architecture
+
+    rev = revision or "main"
+    repo, mid, sub = _q(repo_id), _q(model_id), f"models/{model_id}"
+    lines = ["import vitzoo", "",
+             f"zoo = vitzoo.load({repo}, revision={_q(rev)})  # the index and cards; weights on demand",
+             f"model = zoo.model({mid})  # nn.Module in eval mode; model.pretrained_cfg: its preprocessing",
+             f"transform = zoo.transform({mid})  # PIL image -> input tensor"]
+    if example_epoch is not None:
+        lines.append(f"state = zoo.state_dict({mid}, epoch={int(example_epoch)})  # any saved state")
+    out: dict[str, Any] = {"vitzoo": "\n".join(lines), "timm": None, "transformers": None, "pipeline": None,
+                           "notes": []}
+    cfg = config or {}
+    arch = str(cfg.get("architecture") or "")
+    name = timm_architecture(arch) if arch else None
+    in_chans = int((cfg.get("model_args") or {}).get("in_chans", 3))
+    classes = int(cfg.get("num_classes") or 0)
+    if name != arch or not arch:
+        out["notes"].append(
+            f"timm and transformers cannot build this model: its config.json names the architecture `{arch}`, "
+            "which is not a timm model name" + (f" (after `import vitzoo` timm knows this network as `{name}`, "
+                                                "but this folder's config.json does not use that name yet)"
+                                                if name else "") + "; load it with vitzoo.")
+        return out
+    if (cfg.get("vitzoo") or {}).get("head") == "mlp":
+        out["notes"].append("timm and transformers cannot build this model: its MLP classification head is a "
+                            "vitzoo extension (timm's VisionTransformer has a linear head); load it with vitzoo.")
+        return out
+    register = ([f"import vitzoo  # registers {name} with timm (vitzoo defines this network)"]
+                if cnn_variant(arch) else [])
+    out["timm"] = "\n".join([
+        "import timm", *register, "from huggingface_hub import snapshot_download",
+        "from timm.data import create_transform, resolve_data_config", "",
+        f"folder = snapshot_download({repo}, revision={_q(rev)}, allow_patterns=[  # this model's two files only",
+        f"    {_q(sub + '/config.json')}, {_q(sub + '/model.safetensors')}])",
+        f'model = timm.create_model(f"local-dir:{{folder}}/{sub}", pretrained=True).eval()',
+        "transform = create_transform(**resolve_data_config(model=model))  # the zoo's preprocessing",
+    ])
+    auto = "AutoModelForImageClassification" if classes else "AutoModel"
+    use = ("logits = model(**processor(image)).logits" if classes
+           else "features = model(**processor(image)).pooler_output (a backbone: no classifier)")
+    out["transformers"] = "\n".join([
+        *register, f"from transformers import AutoImageProcessor, {auto}", "",
+        f"model = {auto}.from_pretrained({repo}, subfolder={_q(sub)},",
+        f"{' ' * len(f'model = {auto}.from_pretrained(')}revision={_q(rev)}).eval()",
+        f"processor = AutoImageProcessor.from_pretrained({repo}, subfolder={_q(sub)},",
+        f"{' ' * len('processor = AutoImageProcessor.from_pretrained(')}revision={_q(rev)})",
+        f"# {use}; image: a PIL image",
+    ])
+    if in_chans != 3:
+        out["notes"].append(f"No pipeline snippet: the pipeline converts every image to RGB and this model takes "
+                            f"{in_chans} channel(s); use the transformers snippet with a {in_chans}-channel input.")
+        return out
+    task, var, call = (("image-classification", "classify", "classify(image) -> [{'label': ..., 'score': ...}, ...]")
+                       if classes else
+                       ("image-feature-extraction", "extract", "extract(image, pool=True) -> the pooled features"))
+    out["pipeline"] = "\n".join([
+        *register, "from transformers import pipeline", "",
+        f"{var} = pipeline({_q(task)}, model={repo}, revision={_q(rev)},",
+        f"{' ' * len(var)}{' ' * len(' = pipeline(')}model_kwargs={{\"subfolder\": {_q(sub)}}})",
+        f"# {call}; image: a PIL image, a path or a URL",
+    ])
+    return out
+
+
+def _model_config(root: Path, model_id: str) -> dict[str, Any] | None:
+    path = root / "models" / model_id / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _example_model(facts: ZooFacts) -> str | None:
+    """The model the zoo card's snippets load: the first finished classifier timm can build, else the first."""
+    ids = list(dict.fromkeys(facts.finals["model_id"])) if len(facts.finals) else []
+    for mid in ids:
+        snips = load_snippets("x/y", mid, _model_config(facts.root, mid))
+        if snips["pipeline"] and "image-classification" in snips["pipeline"]:
+            return mid
+    loadable = (m for m in ids if load_snippets("x/y", m, _model_config(facts.root, m))["timm"])
+    return next(loadable, ids[0] if ids else None)
+
+
 def zoo_card(zoo_dir: str | Path, *, repo_id: str | None = None, revision: str | None = None,
              template: str | Path | None = None, license: str | None = None, plots: bool = True,
              citation: str | None = None, facts: ZooFacts | None = None) -> Any:
@@ -225,8 +321,12 @@ def zoo_card(zoo_dir: str | Path, *, repo_id: str | None = None, revision: str |
         f"  howpublished = {{\\url{{https://huggingface.co/{repo}}}}},\n"
         f"  note = {{{finals['model_id'].nunique() if len(finals) else 0} models, {len(idx)} model states}}\n}}"
     )
+    example_model = _example_model(facts)
+    snippets = (load_snippets(repo, example_model, _model_config(facts.root, example_model), revision=revision)
+                if example_model else None)
     card = ModelCard.from_template(
-        data, template_str=_template(ZOO_TEMPLATE, template), zoo_name=facts.name, repo_id=repo, revision=revision,
+        data, template_str=_template(ZOO_TEMPLATE, template), zoo_name=facts.name, repo_id=repo,
+        revision=revision or "main", example_model=example_model, snippets=snippets,
         description=facts.info.get("description") or "", n_models=n_models, status_note=status_note,
         n_states=len(idx), stages=stages, grid=grid, plots=plot_rows, provenance=prov, citation=cite,
         example_filter=example,
@@ -263,9 +363,12 @@ def _provenance_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     return [(k, v.replace("|", "\\|")) for k, v in rows]
 
 
-def model_card(zoo_dir: str | Path, model_id: str, *, repo_id: str | None = None, template: str | Path | None = None,
-               license: str | None = None, plot: bool = True, facts: ZooFacts | None = None) -> Any:
-    """The card of one model (``models/<id>/README.md``); writes ``training_curves.png`` if ``plot``."""
+def model_card(zoo_dir: str | Path, model_id: str, *, repo_id: str | None = None, revision: str | None = None,
+               template: str | Path | None = None, license: str | None = None, plot: bool = True,
+               facts: ZooFacts | None = None) -> Any:
+    """The card of one model (``models/<id>/README.md``); writes ``training_curves.png`` if ``plot``.
+
+    ``revision`` (default ``main``) is the branch, tag or commit its load snippets name."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     facts = facts or ZooFacts.read(zoo_dir)
@@ -314,15 +417,21 @@ def model_card(zoo_dir: str | Path, model_id: str, *, repo_id: str | None = None
         parent_id=parent, parent_epoch=None if _fmt(final.get("parent_epoch")) == "-" else final.get("parent_epoch"),
         factors=factors, init_seed=_fmt(final.get("init_seed")), data_seed=_fmt(final.get("data_seed")),
         repeat=None if _fmt(final.get("repeat")) == "-" else final.get("repeat"), results=results, curve=curve,
-        n_checkpoints=len(rows) - 1, example_epoch=int(rows["epoch"].min()),
+        n_checkpoints=len(rows) - 1, example_epoch=int(rows["epoch"].min()), revision=revision or "main",
+        snippets=load_snippets(repo, model_id, _model_config(facts.root, model_id), revision=revision,
+                               example_epoch=int(rows["epoch"].min())),
     )
     return type(card)(_scrub(str(card)))
 
 
-def render_zoo_cards(zoo_dir: str | Path, *, repo_id: str | None = None, template: str | Path | None = None,
-                     model_template: str | Path | None = None, models: bool = True, plots: bool = True,
-                     license: str | None = None, model_plots: bool | None = None) -> list[Path]:
+def render_zoo_cards(zoo_dir: str | Path, *, repo_id: str | None = None, revision: str | None = None,
+                     template: str | Path | None = None, model_template: str | Path | None = None,
+                     models: bool = True, plots: bool = True, license: str | None = None,
+                     model_plots: bool | None = None) -> list[Path]:
     """(Re)write README.md and every indexed model's README.md from the index; returns the paths written.
+
+    ``repo_id`` and ``revision`` (default ``main``; a card cannot name the commit it is part of) are
+    what the cards' load snippets use.
 
     Call from process 0 only (zoo-level files have one writer). Models not in the index (still
     training) get no card: their folder is not part of the published zoo yet.
@@ -331,11 +440,11 @@ def render_zoo_cards(zoo_dir: str | Path, *, repo_id: str | None = None, templat
 
     facts = ZooFacts.read(zoo_dir)
     written = [write_text(facts.root / "README.md",
-                          str(zoo_card(zoo_dir, repo_id=repo_id, template=template, plots=plots, license=license,
-                                       facts=facts)))]
+                          str(zoo_card(zoo_dir, repo_id=repo_id, revision=revision, template=template, plots=plots,
+                                       license=license, facts=facts)))]
     if models:
         for model_id in dict.fromkeys(facts.index["model_id"]):
-            card = model_card(zoo_dir, model_id, repo_id=repo_id, template=model_template,
+            card = model_card(zoo_dir, model_id, repo_id=repo_id, revision=revision, template=model_template,
                               plot=plots if model_plots is None else model_plots,
                               license=license, facts=facts)
             written.append(write_text(facts.root / "models" / model_id / "README.md", str(card)))

@@ -1,10 +1,19 @@
-"""Model architectures: ViTs (timm) and the classic zoo CNNs. Knows nothing of recipes or files."""
+"""Model architectures: ViTs (timm) and the classic zoo CNNs. Knows nothing of recipes or files.
+
+Importing this package is cheap (no torch, no timm): ``vitzoo`` imports it to put the classic CNNs
+into timm's registry when timm is imported (see :mod:`vitzoo.models.timm_registry`).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from vitzoo.models.names import LEGACY_PREFIX, TIMM_NAMES, cnn_variant, timm_architecture
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["LEGACY_PREFIX", "TIMM_NAMES", "cnn_model_args", "cnn_variant", "from_config", "timm_architecture"]
 
 
 def cnn_model_args(in_chans: int, activation: str | None, dropout: float, init: str | None) -> dict[str, Any]:
@@ -14,12 +23,12 @@ def cnn_model_args(in_chans: int, activation: str | None, dropout: float, init: 
 
 def from_config(cfg: dict[str, Any]) -> nn.Module:
     """Build the network a model folder's config.json describes (weights are loaded by the caller)."""
-    arch = cfg["architecture"]
-    if arch.startswith("vitzoo/"):
+    variant = cnn_variant(cfg["architecture"])
+    if variant is not None:
         from vitzoo.models.cnn import build_cnn
 
         a = cfg.get("model_args") or {}
-        return build_cnn(arch.split("/", 1)[1], a.get("in_chans", 3), cfg["num_classes"], a.get("activation"),
+        return build_cnn(variant, a.get("in_chans", 3), cfg["num_classes"], a.get("activation"),
                          a.get("dropout", 0.0), a.get("init"), seed=0)
     from vitzoo.models import vit
 

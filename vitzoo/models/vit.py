@@ -4,6 +4,12 @@ Every model is a plain timm ``VisionTransformer``; its full constructor argument
 ``model_args`` in config.json, so ``timm.create_model("local-dir:<folder>")`` and transformers'
 TimmWrapper rebuild exactly the same network without vitzoo. The only vitzoo extension is the
 MLP classification head of the reference ViT zoo (timm's ViT has none).
+
+config.json's ``architecture`` is the timm entrypoint that builds the network (``vit_tiny_patch16_224``
+for every size up to Ti: ``model_args`` set every size field, the name only picks timm's ViT
+class); what the model really is, is written beside it (``vitzoo.architecture``, e.g. ``ViT-mu/4``).
+Nothing of the entrypoint's ImageNet checkpoint (weights url, Hub id, licence) is carried over:
+neither config.json nor a built model's ``pretrained_cfg`` claim weights these models never had.
 """
 
 from __future__ import annotations
@@ -44,7 +50,45 @@ def create(arch: str, model_args: dict[str, Any], num_classes: int, seed: int, h
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **model_args)
         if head == "mlp" and num_classes > 0:
             set_head(model, num_classes, "mlp", head_hidden, seed=None)
+    own = own_pretrained_cfg(dict(getattr(model, "pretrained_cfg", None) or {}))
+    c = model_args.get("in_chans", 3)
+    size = model_args.get("img_size", 224)
+    own.update(architecture=arch, num_classes=num_classes,
+               input_size=[c, *(size if isinstance(size, (list, tuple)) else (size, size))])
+    model.pretrained_cfg = model.default_cfg = own
     return model
+
+
+#: pretrained_cfg fields that describe the timm entrypoint's published checkpoint (where its weights
+#: are, its tag, licence and papers), not a zoo model: never copied into a zoo model's metadata.
+BORROWED_CFG_FIELDS = ("url", "hf_hub_id", "hf_hub_filename", "file", "state_dict", "source", "tag", "custom_load",
+                       "license", "description", "origin_url", "paper_name", "paper_ids", "notes")
+
+
+def own_pretrained_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` without the fields that describe someone else's checkpoint (:data:`BORROWED_CFG_FIELDS`)."""
+    return {k: v for k, v in cfg.items() if k not in BORROWED_CFG_FIELDS}
+
+
+def describe(arch: str, model_args: dict[str, Any]) -> str:
+    """What a config.json's network is, in words: ``ViT-mu/4`` (big_vision naming), ``CNN-s``, ...
+
+    ``architecture`` must stay the timm entrypoint name that builds the model (vit_tiny_patch16_224
+    for a 25k-parameter micro ViT); this is the honest name beside it.
+    """
+    from vitzoo.models.names import cnn_variant
+
+    variant = cnn_variant(arch)
+    if variant is not None:
+        return {"cnn-s": "CNN-s", "cnn-m": "CNN-m", "resnet18": "ResNet-18 (CIFAR stem)"}.get(variant, variant)
+    dims = (model_args.get("embed_dim"), model_args.get("depth"), model_args.get("num_heads"),
+            float(model_args.get("mlp_ratio", 4.0)))
+    size = next((name for name, d in presets.VIT_SIZES.items() if (d[0], d[1], d[2], float(d[3])) == dims), None)
+    patch = model_args.get("patch_size")
+    if size is None or patch is None:
+        return arch
+    img = model_args.get("img_size")
+    return f"ViT-{size}/{patch}" + (f" at {img}px" if img else "")
 
 
 def set_head(model: nn.Module, num_classes: int, head: str, hidden: int | None, seed: int | None) -> None:
@@ -72,12 +116,17 @@ class _null:
 
 def config_json(arch: str, model_args: dict[str, Any], num_classes: int, label_names: list[str] | None,
                 pretrained_cfg: dict[str, Any], num_features: int, vitzoo: dict[str, Any]) -> dict[str, Any]:
-    """timm/transformers-readable config.json (see docs/zoo-format.md)."""
+    """timm/transformers-readable config.json (see docs/zoo-format.md).
+
+    ``architecture`` is what timm builds the network by; ``vitzoo.architecture`` says what it is
+    (:func:`describe`). ``pretrained_cfg`` keeps the zoo's own preprocessing only
+    (:func:`own_pretrained_cfg`).
+    """
     out: dict[str, Any] = {"architecture": arch, "num_classes": num_classes, "num_features": num_features,
-                           "model_args": model_args, "pretrained_cfg": pretrained_cfg}
+                           "model_args": model_args, "pretrained_cfg": own_pretrained_cfg(pretrained_cfg)}
     if label_names:
         out["label_names"] = label_names
-    out["vitzoo"] = vitzoo
+    out["vitzoo"] = {"architecture": describe(arch, model_args), **vitzoo}
     return out
 
 
