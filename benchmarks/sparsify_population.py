@@ -4,7 +4,7 @@ What is timed: one training step of a variational-dropout CNN-s twin (batch 10, 
 input, 10 classes, Adam, KL term, local-reparameterisation noise on), i.e. what a ``sparsify:`` stage
 of the classic MNIST zoos repeats 5,000 times per epoch per twin:
 
-- one by one: the inner loop of ``train_sparsify_run`` (``nn.Module`` forward, cross-entropy +
+- one by one: the inner loop of the engine's ``train_run`` (``nn.Module`` forward, cross-entropy +
   ``total_kl``, backward, ``torch.optim.Adam``), on the twin's own network and optimizer;
 - stacked: ``_TwinPopulation.train_step`` for P twins (vmap-ed forward/backward + functional Adam).
 
@@ -47,9 +47,9 @@ from vitzoo.models import cnn_model_args
 from vitzoo.models.cnn import build_cnn
 from vitzoo.plan import RunSpec
 from vitzoo.recipe import recipe_from_dict
-from vitzoo.train.loop import RunContext
-from vitzoo.train.sparsify import kl_ramp, prepare_twin, total_kl
+from vitzoo.train.context import RunContext
 from vitzoo.train.sparsify_population import _Member, _TwinPopulation
+from vitzoo.train.variational import kl_ramp, prepare_twin, total_kl
 
 
 def _specs(n: int, batch_size: int) -> list[RunSpec]:

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace, p: int, mode: str, work: Path) -> dict[str, fl
     from vitzoo.plan import expand
     from vitzoo.recipe import load_recipe
     from vitzoo.train import vit_population
-    from vitzoo.train.loop import RunContext, train_run
+    from vitzoo.train.context import RunContext
+    from vitzoo.train.engine import train_run
 
     folder = work / f"{mode}-{p}"
     folder.mkdir()

@@ -18,17 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # debt of issue 8; remove entries as the engine lands, never add
 KNOWN_PRIVATE_IMPORTS = {
     ("vitzoo.train.sparsify_population", "vitzoo.train.population", "_eval_chunk"),
-    ("vitzoo.train.vit_population", "vitzoo.train.loop", "_amp_dtype"),
-    ("vitzoo.train.vit_population", "vitzoo.train.loop", "_build"),
-    ("vitzoo.train.vit_population", "vitzoo.train.loop", "_eval_batches"),
-    ("vitzoo.train.vit_population", "vitzoo.train.loop", "_supervised_loss"),
     ("vitzoo.train.vit_population", "vitzoo.train.population", "_free_bytes"),
 }
 # debt of issue 8; remove entries as the engine lands, never add (afterwards: {"vitzoo/train/engine.py"})
 EPOCH_LOOP_MODULES = {
-    "vitzoo/train/loop.py",
+    "vitzoo/train/engine.py",
     "vitzoo/train/population.py",
-    "vitzoo/train/sparsify.py",
     "vitzoo/train/sparsify_population.py",
     "vitzoo/train/vit_population.py",
 }

@@ -1,4 +1,4 @@
-"""Sparsified twins (vitzoo.train.sparsify): the variational-dropout math, and a micro zoo end to end."""
+"""Sparsified twins (vitzoo.train.variational, trained by vitzoo.train.engine): the variational-dropout math, and a micro zoo end to end."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import vitzoo
 from vitzoo.models.cnn import build_cnn
 from vitzoo.plan import expand
 from vitzoo.recipe import load_recipe
-from vitzoo.train.sparsify import (
+from vitzoo.train.engine import train_run as train_sparsify_run
+from vitzoo.train.variational import (
     VDConv2d,
     VDLinear,
     attach_variational_dropout,
@@ -24,7 +25,6 @@ from vitzoo.train.sparsify import (
     log_alpha,
     pruned_state,
     sparsity_ratio,
-    train_sparsify_run,
 )
 
 RECIPE = Path(__file__).parent / "sparsify_micro.yaml"
@@ -178,7 +178,7 @@ def test_twin_resumes_after_a_kill_to_the_same_states(micro_zoo: Path, tmp_path:
     import shutil
 
     from vitzoo.data.pipeline import DataCache
-    from vitzoo.train.loop import RunContext
+    from vitzoo.train.context import RunContext
 
     plan = expand(load_recipe(RECIPE))
     spec = plan.stage_runs("twins")[0]
@@ -241,7 +241,7 @@ def test_diverging_twin_keeps_its_last_good_state(micro_zoo: Path, tmp_path: Pat
 
     from vitzoo.data.pipeline import DataCache
     from vitzoo.recipe import recipe_from_dict
-    from vitzoo.train.loop import RunContext
+    from vitzoo.train.context import RunContext
 
     data = yaml.safe_load(RECIPE.read_text())
     data["stages"]["twins"]["optimizer"] = {"name": "sgd", "lr": 1e30, "momentum": 0.0, "grad_clip": None}

@@ -23,8 +23,8 @@ from vitzoo.data.pipeline import DataCache
 from vitzoo.plan import RunSpec, expand
 from vitzoo.recipe import recipe_from_dict
 from vitzoo.train import sparsify_population as spp
-from vitzoo.train.loop import RunContext
-from vitzoo.train.sparsify import train_sparsify_run
+from vitzoo.train.context import RunContext
+from vitzoo.train.engine import train_run as train_sparsify_run
 from vitzoo.train.sparsify_population import train_sparsify_stage, unsupported
 from vitzoo.zoo.reader import LocalSource, read_state
 
@@ -294,7 +294,7 @@ def test_cnn_m_twins_step_like_one_by_one() -> None:
 
     from vitzoo.models import cnn_model_args
     from vitzoo.models.cnn import build_cnn
-    from vitzoo.train.sparsify import prepare_twin, total_kl
+    from vitzoo.train.variational import prepare_twin, total_kl
 
     data = {"source": "builtin:shapes", "channels": 3, "max_train_samples": 20, "max_eval_samples": 10}
     recipe = recipe_from_dict({"name": "m", "stages": {

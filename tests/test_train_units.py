@@ -10,7 +10,8 @@ import torch
 from vitzoo import presets
 from vitzoo.models import vit
 from vitzoo.recipe import ModelConfig, OptimizerConfig, ScheduleConfig, StageConfig
-from vitzoo.train.loop import lr_schedule, make_optimizer
+from vitzoo.train.build import make_optimizer
+from vitzoo.train.schedule import lr_schedule
 
 
 @pytest.mark.parametrize("name", list(presets.OPTIMIZERS))

@@ -24,7 +24,8 @@ from vitzoo.models import vit
 from vitzoo.plan import RunSpec, expand
 from vitzoo.recipe import load_recipe
 from vitzoo.train import vit_population
-from vitzoo.train.loop import RunContext, train_run
+from vitzoo.train.context import RunContext
+from vitzoo.train.engine import train_run
 from vitzoo.zoo.reader import LocalSource, read_state
 
 TESTS = Path(__file__).parent

@@ -28,7 +28,11 @@ import torch
 from vitzoo.data.pipeline import preprocessing_for
 from vitzoo.plan import RunSpec
 from vitzoo.train import seeds
-from vitzoo.train.loop import RunContext, build_cnn_run, finish_run, train_run
+from vitzoo.train.build import build_cnn_run
+from vitzoo.train.checkpoint import finish_run
+from vitzoo.train.context import RunContext
+from vitzoo.train.engine import train_run
+from vitzoo.train.evaluate import TRAIN_EVAL_CAP
 from vitzoo.train.population import population_switch, train_population
 from vitzoo.train.population_adapter import engine_kwargs, member_from_run, split_runs, unsupported
 from vitzoo.train.population_state import SnapshotStore
@@ -71,7 +75,7 @@ def train_group(runs: list[RunSpec], ctx: RunContext) -> Iterator[dict[str, Any]
     if data.test is not None:
         evals["test"] = ctx.cache.eval_tensors(cfg.data, "test", pp)
     # The train-set metrics are the clean (eval-mode) ones, like the per-run loop, capped like it at 10k.
-    evals["train"] = (train_x[:10_000], train_y[:10_000])
+    evals["train"] = (train_x[:TRAIN_EVAL_CAP], train_y[:TRAIN_EVAL_CAP])
     store = SnapshotStore(ctx.zoo_root / ".partial" / "populations")
     saved = set(cfg.saved_epochs())
     writers = [RunWriter(ctx.zoo_root, r.run_id) for r in pending]

@@ -141,7 +141,7 @@ def _train_stage(stage, runs, ctx) -> Iterator[dict[str, Any]]:
         from vitzoo.train.vit_population import train_stage as train_finetune_stage
 
         return train_finetune_stage(runs, ctx)
-    from vitzoo.train.loop import train_run
+    from vitzoo.train.engine import train_run
 
     return (train_run(spec, ctx) for spec in runs)
 
@@ -149,7 +149,7 @@ def _train_stage(stage, runs, ctx) -> Iterator[dict[str, Any]]:
 def _train_all(recipe, plan, out, state, cache, progress, max_runs, log, stop_after_epoch, t0) -> dict[str, Any]:
     import torch
 
-    from vitzoo.train.loop import RunContext
+    from vitzoo.train.context import RunContext
 
     ctx = RunContext(zoo_root=out, device=state.device, cache=cache, progress=progress and state.is_main_process,
                      hardware=provenance(state.num_processes)["hardware"], stop_after_epoch=stop_after_epoch,

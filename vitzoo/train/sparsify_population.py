@@ -1,16 +1,16 @@
 """Sparsified twins trained as populations: many variational-dropout twins of CNN-s/CNN-m at once.
 
 Why: a classic zoo's ``sparsify:`` stage trains one twin per parent (1,000+ CNN-s twins at batch size
-10 for 25 epochs). One by one (:func:`vitzoo.train.sparsify.train_sparsify_run`) every step is a
+10 for 25 epochs). One by one (:func:`vitzoo.train.engine.train_run`) every step is a
 handful of tiny kernel launches, the situation :mod:`vitzoo.train.population` solves for the main
 training stage. Here the same technique is applied to the twins: the parameters of P twins
 (weights, biases and every ``log_sigma2``) are rows of one flat ``(P, n_params)`` buffer, one
 ``torch.func.vmap``-ed ``functional_call`` of the variational-dropout network (the very
-:class:`~vitzoo.train.sparsify.VDConv2d` / :class:`~vitzoo.train.sparsify.VDLinear` modules of the
+:class:`~vitzoo.train.variational.VDConv2d` / :class:`~vitzoo.train.variational.VDLinear` modules of the
 one-by-one path) computes every twin's loss and gradients, and a functional optimizer updates all
 of them in a few kernels, with no host sync per step.
 
-Semantics, equal to :func:`~vitzoo.train.sparsify.train_sparsify_run` for each twin:
+Semantics, equal to :func:`~vitzoo.train.engine.train_run` for each twin:
 
 - start: the parent's state at ``parent_epoch``; ``log_sigma2`` at ``log_sigma2_init``; epoch 0 is
   the parent's state unchanged, evaluated unpruned;
@@ -65,7 +65,7 @@ most the size that fits the device memory (:func:`_max_population`; at most :dat
 on CPU), halved if one still runs out of memory in its first (probe) step, and split again by resume
 epoch (twins interrupted at different epochs train apart).
 
-What stays one by one (:func:`train_sparsify_stage` routes it to ``train_sparsify_run``): twins of
+What stays one by one (:func:`train_sparsify_stage` routes it to the engine's ``train_run``): twins of
 ResNet-18 (stacked batchnorm statistics, as :mod:`vitzoo.train.population` keeps them, are not wired in
 here; an 11M-parameter model at batch 128 is not launch-bound anyway) and of ViTs (large models), optimizers
 other than Adam/AdamW/SGD (LAMB, Lion), and in ``auto`` mode groups smaller than
@@ -91,8 +91,12 @@ from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
 from vitzoo.plan import RunSpec, canonical_json
+from vitzoo.train.build import load_parent
+from vitzoo.train.checkpoint import end_epoch, finish_run, history_row, restore
+from vitzoo.train.context import RunContext, progress_bar
+from vitzoo.train.engine import train_run
+from vitzoo.train.evaluate import TRAIN_EVAL_CAP
 from vitzoo.train.functional_optim import adam_, clip_coefficients, sgd_
-from vitzoo.train.loop import RunContext, end_epoch, load_parent, progress_bar, restore
 from vitzoo.train.population import (
     _eval_chunk,
     activation_bytes_per_sample,
@@ -101,17 +105,14 @@ from vitzoo.train.population import (
 )
 from vitzoo.train.schedule import lr_schedule
 from vitzoo.train.seeds import epoch_order, mix, steps_per_epoch
-from vitzoo.train.sparsify import (
-    TRAIN_EVAL_LIMIT,
+from vitzoo.train.variational import (
     Twin,
-    finish_twin,
-    history_row,
     kl_approx,
     kl_ramp,
     log_alpha,
     parent_img_size,
     prepare_twin,
-    train_sparsify_run,
+    sparsity_ratio,
     write_epoch0,
 )
 from vitzoo.zoo.writer import RunWriter
@@ -168,6 +169,13 @@ def group_key(spec: RunSpec, pcfg: dict[str, Any]) -> str:
     ])
 
 
+def finish_twin(twin: Twin, ctx: RunContext, last_good: tuple[int, dict[str, Tensor] | None], status: str,
+                wall_s: float) -> dict[str, Any]:
+    """config.json + run.json of a trained twin (the commit point); returns run.json's content."""
+    return finish_run(twin.spec, ctx, twin.writer, twin.built, dataset=twin.data.name, last_good=last_good,
+                      status=status, wall_s=wall_s, precision="float32")
+
+
 def train_sparsify_stage(runs: list[RunSpec], ctx: RunContext, *, mode: str = "auto",
                          max_population: int | None = None, min_population: int | None = None,
                          noise: bool = True) -> Iterator[dict[str, Any]]:
@@ -191,7 +199,7 @@ def train_sparsify_stage(runs: list[RunSpec], ctx: RunContext, *, mode: str = "a
             pending.append(spec)
     if mode == "sequential":
         for spec in pending:
-            yield train_sparsify_run(spec, ctx, noise=noise)
+            yield train_run(spec, ctx, noise=noise)
         return
     groups: dict[str, list[tuple[RunSpec, tuple[dict[str, Any], dict[str, Tensor]]]]] = {}
     alone: list[RunSpec] = []
@@ -211,11 +219,11 @@ def train_sparsify_stage(runs: list[RunSpec], ctx: RunContext, *, mode: str = "a
         for chunk in balanced_chunks(items, cap):  # type: ignore[arg-type]
             if len(chunk) < least:
                 for spec, _ in chunk:
-                    yield train_sparsify_run(spec, ctx, noise=noise)
+                    yield train_run(spec, ctx, noise=noise)
                 continue
             yield from _train_chunk(chunk, ctx, least, noise)
     for spec in alone:
-        yield train_sparsify_run(spec, ctx, noise=noise)
+        yield train_run(spec, ctx, noise=noise)
 
 
 def _max_population(spec: RunSpec, pcfg: dict[str, Any], device: torch.device) -> int:
@@ -273,7 +281,7 @@ def _train_chunk(chunk: list[tuple[RunSpec, tuple[dict[str, Any], dict[str, Tens
             continue
         if len(part) < least:
             for m in part:
-                yield train_sparsify_run(m.twin.spec, ctx, noise=noise)
+                yield train_run(m.twin.spec, ctx, noise=noise)
             continue
         queue = [part]
         while queue:
@@ -370,7 +378,7 @@ class _TwinPopulation:
         self.evals: dict[str, tuple[Tensor, Tensor]] = {}
         for s in splits:
             ex, ey = ctx.cache.eval_tensors(cfg.data, s, t0.pp)
-            n = min(len(ey), TRAIN_EVAL_LIMIT) if s == "train" else len(ey)
+            n = min(len(ey), TRAIN_EVAL_CAP) if s == "train" else len(ey)
             self.evals[s] = (ex[:n].to(dev), ey[:n].to(dev))
         self.template.eval()
         act = activation_bytes_per_sample(self.template, tuple(self.train_x.shape[1:]))
@@ -619,7 +627,8 @@ class _TwinPopulation:
                 yield finish_twin(m.twin, ctx, m.last_good, "diverged", share(m))
                 continue
             lr = float(self.lr[i]) * lr_last
-            m.history.append(history_row(epoch, metrics[i], lr, objective[i], kl[i], states[i], m.twin.weight_keys))
+            m.history.append(history_row(epoch, metrics[i], lr, objective[i], kl=kl[i],
+                                         sparsity_ratio=sparsity_ratio(states[i], m.twin.weight_keys)))
             self.write_back(i)
             m.last_good = end_epoch(quiet, m.twin.writer, epoch, states[i], saved, m.history, m.twin.net,
                                     m.twin.optimizer, time.time() - share(m))

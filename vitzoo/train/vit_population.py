@@ -9,11 +9,11 @@ live in one flat ``(P, n)`` buffer, one ``torch.func.vmap``-ed ``functional_call
 ``grad_and_value`` computes every member's gradient on its own batch, and AdamW / Adam / SGD are
 applied to the whole buffer in a handful of kernels, with per-member hyperparameters.
 
-Semantics: exactly those of the per-run loop (:func:`vitzoo.train.loop.train_run`), so that each
+Semantics: exactly those of a run trained alone (:func:`vitzoo.train.engine.train_run`), so that each
 member's saved states equal, to float tolerance, what ``train_run`` would save for it
 (``tests/test_vit_population.py`` trains the same runs both ways and compares every saved epoch):
 
-- Init: every member is built by the loop's own builder (``loop._build``: parent backbone, head
+- Init: every member is built by the loop's own builder (``build.build_run``: parent backbone, head
   seeded by ``init_seed``), then its parameters are stacked.
 - Data: every member has the loop's own loader (``train_loader``, sampler seeded per
   ``data_seed``, ``seeds.seed_module_rngs(init_seed, data_seed, epoch)`` before each epoch's iterator).
@@ -27,7 +27,7 @@ member's saved states equal, to float tolerance, what ``train_run`` would save f
   ``lr_schedule`` and ``clip_grad_norm_``'s per-model global-norm clipping.
 - Loss: the loop's criterion (cross-entropy with label smoothing) under the loop's autocast
   (bf16 where the loop uses it; the backward runs outside autocast, as in the loop).
-- Evaluation: the loop's splits and batches (``_eval_batches``), fp32, eval mode, vectorised.
+- Evaluation: the loop's splits and batches (``evaluate.eval_batches``), fp32, eval mode, vectorised.
 - Divergence: a member whose loss turns non-finite is frozen at once (a device-side mask, no host
   sync per step) and, at the end of that epoch, recorded ``diverged`` with its last good epoch
   state, exactly as the loop does (which also discards the epoch it diverged in); the others go on.
@@ -87,20 +87,12 @@ from vitzoo.data.pipeline import train_loader
 from vitzoo.plan import RunSpec, canonical_json, population_key
 from vitzoo.train import functional_optim as fopt
 from vitzoo.train import population
-from vitzoo.train.loop import (
-    Built,
-    RunContext,
-    _amp_dtype,
-    _build,
-    _eval_batches,
-    _supervised_loss,
-    finish_run,
-    load_parent,
-    make_optimizer,
-    progress_bar,
-    restore,
-    train_run,
-)
+from vitzoo.train.build import amp_dtype, build_run, load_parent, make_optimizer
+from vitzoo.train.checkpoint import finish_run, restore
+from vitzoo.train.context import Built, RunContext, progress_bar
+from vitzoo.train.engine import train_run
+from vitzoo.train.evaluate import eval_batches
+from vitzoo.train.objectives import CrossEntropy
 from vitzoo.train.population import _free_bytes, activation_bytes_per_sample, balanced_chunks
 from vitzoo.train.schedule import lr_schedule
 from vitzoo.train.seeds import seed_module_rngs
@@ -408,7 +400,7 @@ class _Population:
         assert ft is not None
         self.mode = ft.mode
         self.data = ctx.cache.splits(cfg.data)
-        self.amp = _amp_dtype(cfg.precision, self.device)
+        self.amp = amp_dtype(cfg.precision, self.device)
         if self.amp == torch.float16:
             raise _Unsupported("fp16")
         self.t0 = time.time()
@@ -421,7 +413,7 @@ class _Population:
             writer = RunWriter(ctx.zoo_root, spec.run_id)
             if not dry:
                 writer.discard_temp_files()
-            built = _build(spec, ctx, self.data.num_classes, self.data.label_names)
+            built = build_run(spec, ctx, self.data.num_classes, self.data.label_names)
             net = built.net
             opt, info = _optimizer_view(net, spec)
             self._check_compatible(info)
@@ -526,7 +518,7 @@ class _Population:
 
     def _functions(self) -> None:
         template, amp, dev = self.template, self.amp, self.device
-        _, criterion = _supervised_loss(self.cfg, self.data.num_classes)
+        criterion = CrossEntropy(self.cfg, self.data.num_classes, self.device).criterion
         head = template.get_classifier()
         prefix = "head."
 
@@ -617,7 +609,7 @@ class _Population:
             loss_sum = torch.zeros(self.P, dtype=torch.float64, device=self.device)
             correct = torch.zeros(self.P, dtype=torch.long, device=self.device)
             n = 0
-            for x, y in _eval_batches(ctx, cfg, split, self.pp, bs):
+            for x, y in eval_batches(ctx, cfg, split, self.pp, bs):
                 x, y = x.to(self.device), y.to(self.device)
                 inp = self._features(x) if self.mode == "linear" else x
                 logits = self._fwd(self.params, inp).float()  # (P, b, classes)

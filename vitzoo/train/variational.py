@@ -22,13 +22,10 @@ zoo. Epoch 0 is the parent's state itself, unchanged. Every history row holds th
 pruned network and ``sparsity_ratio``: the fraction of Conv2d/Linear weight entries that are exactly
 zero in that state (biases and norms excluded).
 
-Like :mod:`vitzoo.train.loop`: the data order is a function of ``(data_seed, epoch)``, RNGs are
-re-seeded per epoch, state (weights, ``log_sigma2``, optimizer) is saved after every epoch and a
-killed run resumes after its last finished epoch; a non-finite loss stops the run as ``diverged``
-with its last good state.
-
-This module trains one twin at a time (:func:`train_sparsify_run`): the reference loop, and the path of
-ResNet-18 and ViT twins. Twins of CNN-s / CNN-m parents are trained many at once by
+This module holds the layers, the maths and the preparation of a twin (:func:`prepare_twin`). A twin
+trained alone goes through the engine (:func:`vitzoo.train.engine.train_run`, objective
+:class:`~vitzoo.train.objectives.VariationalDropout`) like any run: data order, seeding, resume and
+divergence are the engine's. Twins of CNN-s / CNN-m parents are trained many at once by
 :mod:`vitzoo.train.sparsify_population` with the same semantics and the same files, built from the
 pieces here (:func:`prepare_twin`, :func:`write_epoch0`, :func:`history_row`, :func:`finish_twin`).
 ``noise=False`` (tests only) replaces the Gaussian sample of the local reparameterisation by its mean
@@ -37,9 +34,6 @@ in both, which makes training deterministic and the two engines comparable to fl
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,18 +44,9 @@ from torch import nn
 from vitzoo.data.pipeline import Preprocessing, preprocessing_for
 from vitzoo.data.sources import SplitData
 from vitzoo.plan import RunSpec
-from vitzoo.recipe import StageConfig
-from vitzoo.train.loop import (
-    Built,
-    RunContext,
-    end_epoch,
-    finish_run,
-    load_parent,
-    progress_bar,
-    restore,
-)
-from vitzoo.train.schedule import lr_schedule
-from vitzoo.train.seeds import epoch_order, seed_module_rngs, steps_per_epoch
+from vitzoo.train.build import load_parent, make_optimizer
+from vitzoo.train.checkpoint import history_row
+from vitzoo.train.context import Built, RunContext
 from vitzoo.zoo.writer import RunWriter
 
 #: Molchanov et al. (2017), eq. 14: the fitted approximation of -KL(q(w|theta, alpha) || log-uniform prior).
@@ -70,8 +55,6 @@ K1, K2, K3 = 0.63576, 1.87320, 1.48695
 LOG_ALPHA_EPS = 1e-8
 #: Added to the local-reparameterisation variance before the square root (finite gradients at 0).
 VAR_EPS = 1e-8
-#: Training images evaluated for the per-epoch train metrics (a statistic, as in loop.py).
-TRAIN_EVAL_LIMIT = 10_000
 
 
 # --------------------------------------------------------------------------- the math
@@ -200,6 +183,38 @@ def sparsity_ratio(state: dict[str, torch.Tensor], weight_keys: list[str]) -> fl
     return zeros / max(1, total)
 
 
+class VariationalDropout:
+    """Sparse variational dropout (Molchanov et al. 2017): ``CE + kl_weight * kl_ramp(epoch) / N * KL``.
+
+    ``modules`` are the network's VD layers; history rows gain ``kl`` (mean per step) and
+    ``sparsity_ratio`` (of the saved, pruned state's Conv2d/Linear weights).
+    """
+
+    equal_batches = False
+
+    def __init__(self, modules: dict[str, Any], kl_weight: float, epochs: int, n_train: int,
+                 weight_keys: list[str], device: torch.device):
+        self.modules, self.kl_weight, self.epochs, self.n_train = modules, kl_weight, epochs, n_train
+        self.weight_keys, self.device = weight_keys, device
+        self.kl_scale = 0.0
+        self.kl_sum = torch.zeros((), device=device)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.kl_scale = self.kl_weight * kl_ramp(epoch, self.epochs) / self.n_train
+        self.kl_sum = torch.zeros((), device=self.device)
+
+    def loss(self, net: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        x, y = batch
+        ce = F.cross_entropy(net(x), y)
+        kl = total_kl(self.modules)
+        self.kl_sum += kl.detach()
+        return ce + self.kl_scale * kl, y.shape[0]
+
+    def columns(self, state: dict[str, torch.Tensor] | None, steps: int) -> dict[str, Any]:
+        kl = (self.kl_sum / steps).item() if steps else None
+        return {"kl": kl, "sparsity_ratio": sparsity_ratio(state, self.weight_keys) if state is not None else None}
+
+
 # --------------------------------------------------------------------------- one twin
 
 
@@ -258,7 +273,7 @@ def prepare_twin(spec: RunSpec, ctx: RunContext, *, noise: bool = True,
                   int(pcfg.get("num_features", 0)), pp, pcfg.get("label_names") or data.label_names,
                   vz.get("head", "linear"), vz.get("head_hidden"))
     return Twin(spec, RunWriter(ctx.zoo_root, spec.run_id), pcfg, parent_state, data, pp, net, modules, weight_keys,
-                built, _optimizer(net, cfg))
+                built, make_optimizer(net, cfg, no_decay=("log_sigma2",)))
 
 
 def parent_img_size(pcfg: dict[str, Any]) -> int:
@@ -271,168 +286,8 @@ def write_epoch0(twin: Twin, metrics: dict[str, Any], elapsed_s: float) -> list[
     """Epoch 0 of a twin: its parent's state, unchanged, with ``metrics`` (the parent's, unpruned).
     Saves the state, the history and the resume point; returns the history."""
     state0 = {k: v.detach().to("cpu", copy=True) for k, v in twin.parent_state.items()}
-    history = [{"epoch": 0, **metrics, "lr": 0.0, "objective_loss": None, "kl": None,
-                "sparsity_ratio": sparsity_ratio(state0, twin.weight_keys)}]
+    history = [history_row(0, metrics, 0.0, None, kl=None, sparsity_ratio=sparsity_ratio(state0, twin.weight_keys))]
     twin.writer.save_epoch(0, state0)
     twin.writer.save_history(history)
     twin.writer.save_resume(0, twin.net.state_dict(), twin.optimizer.state_dict(), {"elapsed_s": elapsed_s})
     return history
-
-
-def history_row(epoch: int, metrics: dict[str, Any], lr: float, objective: float, kl: float,
-                state: dict[str, torch.Tensor], weight_keys: list[str]) -> dict[str, Any]:
-    """One epoch's history row: the pruned network's metrics, the last step's lr, the epoch's mean loss
-    and mean KL per step, and the saved state's sparsity."""
-    return {"epoch": epoch, **metrics, "lr": lr, "objective_loss": objective, "kl": kl,
-            "sparsity_ratio": sparsity_ratio(state, weight_keys)}
-
-
-def finish_twin(twin: Twin, ctx: RunContext, last_good: tuple[int, dict[str, torch.Tensor] | None], status: str,
-                wall_s: float) -> dict[str, Any]:
-    """config.json + run.json of a trained twin (the commit point); returns run.json's content."""
-    return finish_run(twin.spec, ctx, twin.writer, twin.built, dataset=twin.data.name, last_good=last_good,
-                      status=status, wall_s=wall_s, precision="float32")
-
-
-def train_sparsify_run(spec: RunSpec, ctx: RunContext, *, noise: bool = True) -> dict[str, Any]:
-    """Train the sparsified twin ``spec`` into ``<zoo>/models/<run_id>``; returns its run.json content.
-
-    ``noise=False`` (tests only) trains without the Gaussian sample of the local reparameterisation.
-    """
-    writer = RunWriter(ctx.zoo_root, spec.run_id)
-    if writer.is_finished():
-        return json.loads((writer.folder / "run.json").read_text())
-    t_start = time.time()
-    twin = prepare_twin(spec, ctx, noise=noise)
-    cfg, sp, net, modules, optimizer = spec.config, spec.config.sparsify, twin.net, twin.modules, twin.optimizer
-    assert sp is not None
-
-    x_train, y_train = _on(ctx.cache.eval_tensors(cfg.data, "train", twin.pp), ctx.device)
-    n_train = x_train.shape[0]
-    if n_train == 0:
-        raise ValueError(f"{spec.run_id}: the training split is empty")
-    steps = steps_per_epoch(n_train, cfg.batch_size)
-    lr_at = lr_schedule(cfg, steps)
-    saved = set(cfg.saved_epochs())
-
-    def evaluate() -> dict[str, Any]:
-        return _evaluate(net, ctx, cfg, twin.pp)
-
-    restored = restore(ctx, writer, spec, net, optimizer)
-    if restored is not None:
-        start_epoch, history, elapsed = restored
-        t_start -= elapsed
-    else:  # epoch 0: the parent's state, unchanged
-        start_epoch = 0
-        net.eval()
-        with torch.no_grad():  # evaluate exactly the saved state (no mask): the parent itself
-            for m in modules.values():
-                m.vd_threshold = math.inf
-            metrics = evaluate()
-            for m in modules.values():
-                m.vd_threshold = float(sp.threshold)
-        history = write_epoch0(twin, metrics, time.time() - t_start)
-    last_good: tuple[int, dict[str, torch.Tensor] | None] = (
-        start_epoch, twin.built.export() if start_epoch not in saved else None)
-
-    status = "done"
-    bar = progress_bar(ctx, cfg.epochs * steps, spec.run_id, start_epoch * steps)
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        seed_module_rngs(spec.init_seed, spec.data_seed, epoch)
-        order = epoch_order(spec.data_seed, epoch, n_train).to(x_train.device)
-        kl_scale = sp.kl_weight * kl_ramp(epoch, cfg.epochs) / n_train
-        net.train()
-        total = torch.zeros((), device=ctx.device)
-        total_kl_sum = torch.zeros((), device=ctx.device)
-        seen = 0
-        diverged = False
-        for i in range(steps):
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x, y = x_train[idx], y_train[idx]
-            step = (epoch - 1) * steps + i
-            for g in optimizer.param_groups:
-                g["lr"] = g["initial_lr"] * lr_at(step)
-            ce = F.cross_entropy(net(x), y)
-            kl = total_kl(modules)
-            loss = ce + kl_scale * kl
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optimizer.grad_clip:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optimizer.grad_clip)
-            optimizer.step()
-            total += loss.detach() * y.shape[0]
-            total_kl_sum += kl.detach()
-            seen += y.shape[0]
-            if bar is not None:
-                bar.update(1)
-        objective = (total / max(1, seen)).item()  # one host sync per epoch, not per step
-        diverged = not math.isfinite(objective)
-        if not diverged:
-            metrics = evaluate()
-            diverged = any(isinstance(v, float) and not math.isfinite(v) for k, v in metrics.items()
-                           if k.endswith("loss"))
-        if diverged:
-            status = "diverged"
-            ctx.log(f"{spec.run_id}: diverged in epoch {epoch}; keeping epoch {last_good[0]}")
-            break
-        state = twin.built.export()
-        history.append(history_row(epoch, metrics, optimizer.param_groups[0]["lr"], objective,
-                                   (total_kl_sum / steps).item(), state, twin.weight_keys))
-        last_good = end_epoch(ctx, writer, epoch, state, saved, history, net, optimizer, t_start)
-    if bar is not None:
-        bar.close()
-    return finish_twin(twin, ctx, last_good, status, time.time() - t_start)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _on(xy: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return xy[0].to(device), xy[1].to(device)
-
-
-def _optimizer(net: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
-    """The stage's optimizer; weight decay (if any) on weights only: never on biases, norms or log_sigma2."""
-    from timm.optim import create_optimizer_v2
-
-    o = cfg.optimizer.resolved()
-    skip = set(getattr(net, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, p in net.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith((".bias", "log_sigma2")) or name in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": o["weight_decay"]}]
-    kwargs: dict[str, Any] = {}
-    if "momentum" in o:
-        kwargs["momentum"] = o["momentum"]
-    opt = create_optimizer_v2([g for g in groups if g["params"]], opt=o["timm"], lr=o["lr"],
-                              weight_decay=o["weight_decay"], **kwargs)
-    for g in opt.param_groups:
-        g["initial_lr"] = g["lr"]
-    return opt
-
-
-@torch.no_grad()
-def _evaluate(net: nn.Module, ctx: RunContext, cfg: StageConfig, pp) -> dict[str, Any]:
-    """Loss and top-1 of the network in eval mode (pruned weights masked) on train (capped), val, test."""
-    net.eval()
-    splits = ["train", "val"] + (["test"] if ctx.cache.splits(cfg.data).test is not None else [])
-    bs = cfg.eval_batch_size or 4 * cfg.batch_size
-    out: dict[str, Any] = {}
-    for split in splits:
-        x_all, y_all = ctx.cache.eval_tensors(cfg.data, split, pp)
-        n = min(len(y_all), TRAIN_EVAL_LIMIT) if split == "train" else len(y_all)
-        loss_sum = torch.zeros((), device=ctx.device)
-        correct = torch.zeros((), device=ctx.device, dtype=torch.long)
-        for i in range(0, n, bs):
-            x, y = x_all[i:min(i + bs, n)].to(ctx.device), y_all[i:min(i + bs, n)].to(ctx.device)
-            logits = net(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-        out[f"{split}_loss"] = loss_sum.item() / max(1, n)
-        out[f"{split}_acc"] = correct.item() / max(1, n)
-    return out
