@@ -30,7 +30,7 @@ def test_micro_mnist_seed_zoo(tmp_path: Path) -> None:
     assert sum(p.numel() for p in model.parameters()) == 2464
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert list(zoo.state_dict(mid))[0] == "module_list.0.weight", "legacy key names"
-    assert zoo.config(mid)["architecture"] == "vitzoo/cnn-s"
+    assert zoo.config(mid)["architecture"] == "vitzoo_cnn_s"
     assert zoo.models["test_acc"].between(0, 1).all() and zoo.models["train_loss"].notna().all()
     # epoch 0 is the seeded initialisation: U(0,1) weights, every bias 0.01 (reference)
     spec = {r.run_id: r for r in expand(recipe).runs}[mid]

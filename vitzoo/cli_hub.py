@@ -46,7 +46,7 @@ def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -
     c.add_argument("legacy", help="legacy zoo folder (one subfolder per trial)")
     c.add_argument("zoo", help="output zoo folder")
     c.add_argument("--name", default=None, help="zoo name (default: the output folder's name)")
-    c.add_argument("--architecture", default=None, help="vitzoo architecture (default: inferred: vitzoo/cnn-s, ...)")
+    c.add_argument("--architecture", default=None, help="vitzoo architecture (default: inferred: vitzoo_cnn_s, ...)")
     c.set_defaults(fn=cmd_convert)
 
 

@@ -17,7 +17,7 @@ __all__ = ["LEGACY_PREFIX", "TIMM_NAMES", "cnn_model_args", "cnn_variant", "from
 
 
 def cnn_model_args(in_chans: int, activation: str | None, dropout: float, init: str | None) -> dict[str, Any]:
-    """What a classic-zoo model's config.json records to rebuild it (architecture ``vitzoo/<variant>``)."""
+    """What a classic-zoo model's config.json records to rebuild it (architecture ``vitzoo_cnn_s``...)."""
     return {"in_chans": in_chans, "activation": activation, "dropout": dropout, "init": init}
 
 

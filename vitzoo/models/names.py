@@ -6,15 +6,15 @@ from __future__ import annotations
 #: TimmWrapper build it after ``import vitzoo``; timm names cannot contain ``/``).
 TIMM_NAMES = {"cnn-s": "vitzoo_cnn_s", "cnn-m": "vitzoo_cnn_m", "resnet18": "vitzoo_resnet18"}
 
-#: The name zoos written so far record in config.json (``vitzoo/<variant>``); still read.
+#: The name older CNN zoos record in config.json (``vitzoo/<variant>``); still read.
 LEGACY_PREFIX = "vitzoo/"
 
 
 def cnn_variant(architecture: str) -> str | None:
     """The classic variant (``cnn-s``...) a config.json architecture names, or None for a timm ViT.
 
-    Both spellings are accepted: ``vitzoo/cnn-s`` (what config.json records today) and the timm
-    registry name ``vitzoo_cnn_s``.
+    Both spellings are accepted: the timm registry name ``vitzoo_cnn_s`` (what config.json records) and
+    ``vitzoo/cnn-s`` (older zoos).
     """
     if architecture.startswith(LEGACY_PREFIX):
         return architecture[len(LEGACY_PREFIX):]

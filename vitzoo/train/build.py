@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vitzoo.data.pipeline import preprocessing_for
-from vitzoo.models import vit
+from vitzoo.models import TIMM_NAMES, vit
 from vitzoo.plan import RunSpec
 from vitzoo.recipe import StageConfig
 from vitzoo.train.context import Built, RunContext, cpu_state
@@ -53,7 +53,7 @@ def build_cnn_run(spec: RunSpec, num_classes: int, label_names: list[str]) -> Bu
     args = cnn_model_args(spec.config.data.channels, m.activation, m.dropout, m.init)
     net = build_cnn(m.variant, num_classes=num_classes, seed=spec.init_seed, **args)
     pp = preprocessing_for(spec.config.data, m.resolved_img_size)
-    return Built(net, lambda: cpu_state(net), f"vitzoo/{m.variant}", args, num_classes, 0, pp, label_names,
+    return Built(net, lambda: cpu_state(net), TIMM_NAMES[m.variant], args, num_classes, 0, pp, label_names,
                  "linear", None)
 
 

@@ -90,6 +90,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
+from vitzoo.models import cnn_variant
 from vitzoo.plan import RunSpec, canonical_json
 from vitzoo.train.build import load_parent
 from vitzoo.train.checkpoint import end_epoch, finish_run, history_row, restore
@@ -118,7 +119,7 @@ from vitzoo.train.variational import (
 from vitzoo.zoo.writer import RunWriter
 
 #: Parent architectures whose twins are vectorised (plain conv/linear stacks without buffers).
-VECTORISED_ARCHS = ("vitzoo/cnn-s", "vitzoo/cnn-m")
+VECTORISED_ARCHS = ("cnn-s", "cnn-m")
 
 #: Recipe optimizer names the functional update reproduces (timm: Adam, AdamW, SGD momentum / Nesterov).
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
@@ -148,7 +149,7 @@ _NOISE_STREAM = 0x5A_7215
 def unsupported(spec: RunSpec, pcfg: dict[str, Any]) -> list[str]:
     """Why the twin ``spec`` of a parent with config.json ``pcfg`` cannot be vectorised (empty: it can)."""
     out = []
-    if pcfg.get("architecture") not in VECTORISED_ARCHS:
+    if cnn_variant(str(pcfg.get("architecture"))) not in VECTORISED_ARCHS:
         out.append(f"parent architecture {pcfg.get('architecture')!r} is not one of {', '.join(VECTORISED_ARCHS)}")
     if spec.config.optimizer.name not in OPTIMIZERS:
         out.append(f"optimizer {spec.config.optimizer.name!r} (vectorised: {', '.join(OPTIMIZERS)})")
@@ -230,7 +231,7 @@ def _max_population(spec: RunSpec, pcfg: dict[str, Any], device: torch.device) -
     """Population size from memory: the main engine's estimate for the plain CNN, for a quarter instead
     of half of the free memory (a twin has 1.5x the parameters and about twice the activations)."""
     args = pcfg.get("model_args") or {}
-    n = max_population_size(pcfg["architecture"].split("/", 1)[1], int(args.get("in_chans", 3)),
+    n = max_population_size(str(cnn_variant(pcfg["architecture"])), int(args.get("in_chans", 3)),
                             int(pcfg["num_classes"]), spec.config.batch_size, device, fraction=0.25)
     return min(n, CPU_MAX_POPULATION) if device.type == "cpu" else n
 

@@ -84,6 +84,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from vitzoo.data.pipeline import train_loader
+from vitzoo.models import cnn_variant
 from vitzoo.plan import RunSpec, canonical_json, population_key
 from vitzoo.train import functional_optim as fopt
 from vitzoo.train import population
@@ -165,7 +166,7 @@ def unsupported(spec: RunSpec, parent_config: dict[str, Any] | None = None) -> l
         rnd = [k for k in _RANDOM_ARGS if args.get(k)]
         if rnd:
             out.append(f"parent architecture with {', '.join(rnd)} > 0 (random masks differ under vmap)")
-        if str(parent_config.get("architecture", "")).startswith("vitzoo/"):
+        if cnn_variant(str(parent_config.get("architecture", ""))) is not None:
             out.append(f"parent architecture {parent_config['architecture']!r} is not a ViT")
     return out
 

@@ -29,6 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from vitzoo.models.names import TIMM_NAMES
 from vitzoo.zoo.io import write_json, write_text
 
 _CKPT_DIR = re.compile(r"^checkpoint_(\d+)$")
@@ -113,7 +114,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def infer_architecture(state: dict[str, Any], params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``vitzoo/cnn-s`` / ``vitzoo/cnn-m`` / ``vitzoo/resnet18`` and its model_args, from the weights."""
+    """``vitzoo_cnn_s`` / ``vitzoo_cnn_m`` / ``vitzoo_resnet18`` (timm names) and its model_args, from the weights."""
     first = state.get("module_list.0.weight")
     activation = params.get("model::nlin") or params.get("model::activation")
     dropout = float(params.get("model::dropout", 0.0) or 0.0)
@@ -130,7 +131,7 @@ def infer_architecture(state: dict[str, Any], params: dict[str, Any]) -> tuple[s
         raise LegacyZooError("cannot tell the architecture from the checkpoint keys "
                              f"({', '.join(list(state)[:4])}, ...); pass architecture=")
     args = {"variant": variant, "in_chans": int(in_chans), "activation": activation, "dropout": dropout}
-    return f"vitzoo/{variant}", args
+    return TIMM_NAMES[variant], args
 
 
 def _num_classes(state: dict[str, Any]) -> int:
