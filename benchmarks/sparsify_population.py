@@ -48,7 +48,8 @@ from vitzoo.models.cnn import build_cnn
 from vitzoo.plan import RunSpec
 from vitzoo.recipe import recipe_from_dict
 from vitzoo.train.context import RunContext
-from vitzoo.train.sparsify_population import _Member, _TwinPopulation
+from vitzoo.train.engine import Member
+from vitzoo.train.sparsify_population import _TwinPopulation
 from vitzoo.train.variational import kl_ramp, prepare_twin, total_kl
 
 
@@ -109,9 +110,8 @@ def time_one_by_one(ctx: RunContext, steps: int, batch_size: int) -> tuple[float
 
 def time_stacked(ctx: RunContext, p: int, steps: int, batch_size: int, repeats: int) -> tuple[float, float]:
     """(CPU s, wall s) per twin-step of the vectorised step with P twins (best of ``repeats``)."""
-    members = [_Member(prepare_twin(s, ctx, parent=_parent(i)), 0, True, [], 0.0)
-               for i, s in enumerate(_specs(p, batch_size))]
-    pop = _TwinPopulation(members, ctx)
+    twins = [prepare_twin(s, ctx, parent=_parent(i)) for i, s in enumerate(_specs(p, batch_size))]
+    pop = _TwinPopulation([(tw, Member(tw.spec, tw.writer, tw.built, tw.data.name)) for tw in twins], ctx)
     pop.loss_sum = torch.zeros(p, dtype=torch.float64, device=ctx.device)
     pop.kl_sum = torch.zeros(p, dtype=torch.float64, device=ctx.device)
     kl_scale = (pop.kl_weight * kl_ramp(1, 25) / 50_000).float()

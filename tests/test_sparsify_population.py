@@ -24,6 +24,7 @@ from vitzoo.plan import RunSpec, expand
 from vitzoo.recipe import recipe_from_dict
 from vitzoo.train import sparsify_population as spp
 from vitzoo.train.context import RunContext
+from vitzoo.train.engine import Member
 from vitzoo.train.engine import train_run as train_sparsify_run
 from vitzoo.train.sparsify_population import train_sparsify_stage, unsupported
 from vitzoo.zoo.reader import LocalSource, read_state
@@ -263,13 +264,13 @@ def test_generate_routes_twins_by_architecture_and_population_size(parents: Path
     recipe = recipe_from_dict(data)
     specs = expand(recipe).stage_runs("twins")
     calls: list[int] = []
-    train = spp._TwinPopulation.train
+    init = spp._TwinPopulation.__init__
 
-    def spy(self: spp._TwinPopulation, ctx: RunContext) -> Any:
-        calls.append(self.P)
-        return train(self, ctx)
+    def spy(self: spp._TwinPopulation, part: Any, ctx: RunContext) -> None:
+        calls.append(len(part))
+        init(self, part, ctx)
 
-    monkeypatch.setattr(spp._TwinPopulation, "train", spy)
+    monkeypatch.setattr(spp._TwinPopulation, "__init__", spy)
     # auto on CPU: 4 twins are below MIN_POPULATION['cpu'] (not faster stacked): one by one
     assert spp.MIN_POPULATION["cpu"] > 4
     ctx = _zoo(parents, tmp_path / "a")
@@ -311,8 +312,8 @@ def test_cnn_m_twins_step_like_one_by_one() -> None:
                  "num_classes": 6, "pretrained_cfg": {"input_size": [3, 32, 32]}}, copy.deepcopy(net.state_dict()))
 
     twins = [prepare_twin(s, ctx, noise=False, parent=parent(i)) for i, s in enumerate(specs)]
-    pop = spp._TwinPopulation([spp._Member(prepare_twin(s, ctx, noise=False, parent=parent(i)), 0, True, [], 0.0)
-                               for i, s in enumerate(specs)], ctx)
+    stacked = [prepare_twin(s, ctx, noise=False, parent=parent(i)) for i, s in enumerate(specs)]
+    pop = spp._TwinPopulation([(tw, Member(tw.spec, tw.writer, tw.built, tw.data.name)) for tw in stacked], ctx)
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(2, 5, 3, 32, 32, generator=g), torch.randint(0, 6, (2, 5), generator=g)
     pop.loss_sum, pop.kl_sum = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)

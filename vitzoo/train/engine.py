@@ -19,19 +19,20 @@ is data, not an error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
 from vitzoo.data.pipeline import train_loader
 from vitzoo.plan import RunSpec
 from vitzoo.train.build import amp_dtype, build_run, make_optimizer
-from vitzoo.train.checkpoint import end_epoch, finish_run, history_row, restore
+from vitzoo.train.checkpoint import finish_run, history_row, restore
 from vitzoo.train.context import Built, RunContext, progress_bar
 from vitzoo.train.evaluate import evaluate
 from vitzoo.train.feed import LoaderFeed, TensorFeed
@@ -105,8 +106,198 @@ def _twin_run(spec: RunSpec, ctx: RunContext, noise: bool) -> ModuleRun:
     return ModuleRun(spec, twin.built, twin.optimizer, objective, feed, run_evaluate, epoch0, twin.data.name)
 
 
+@dataclass
+class Member:
+    """One run of a group and its files: what the driver records for it, whichever backend trains it."""
+
+    spec: RunSpec
+    writer: RunWriter
+    built: Built
+    """Metadata for config.json (and the export of a module run)."""
+    dataset: str
+    start: int = 0
+    """The last epoch done (0: a fresh run, or one resumed after epoch 0)."""
+    fresh: bool = True
+    """Nothing on disk yet: epoch 0 is still to be written."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0
+    """Seconds spent on this run before this attempt (from its resume point)."""
+    last_good: tuple[int, dict[str, torch.Tensor] | None] = (0, None)
+    """(epoch, its state if not on disk yet): what a diverged run falls back to, and the final state."""
+
+
+class Members(Protocol):
+    """P runs trained in lock-step on their own batches (P = 1: :class:`ModuleMembers`).
+
+    Indices are stable: ``keep`` says which members are still trained; a backend may mask the others.
+    """
+
+    members: list[Member]
+    steps: int
+    """Optimizer steps per epoch (the same for every member)."""
+    precision: str
+
+    def rng_scope(self) -> contextlib.AbstractContextManager[Any]: ...
+    def epoch0(self, idx: list[int]) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]: ...
+    def start_epoch(self, epoch: int) -> None: ...
+    def step(self, i: int, lr_factor: float) -> None: ...
+    def end_epoch(self) -> list[tuple[bool, float]]: ...
+    def evaluate(self) -> list[dict[str, Any]]: ...
+    def states(self) -> list[dict[str, torch.Tensor]]: ...
+    def columns(self, j: int, state: dict[str, torch.Tensor], epoch0: bool = False) -> dict[str, Any]: ...
+    def lr(self, j: int) -> float: ...
+    def save_resume(self, j: int, epoch: int, elapsed_s: float) -> None: ...
+    def keep(self, idx: list[int]) -> None: ...
+
+
+class ModuleMembers:
+    """A run trained alone (P = 1): an ``nn.Module``, its torch/timm optimizer, autocast and GradScaler."""
+
+    def __init__(self, run: ModuleRun, member: Member, ctx: RunContext):
+        self.run, self.ctx, self.members = run, ctx, [member]
+        self.steps = run.feed.steps
+        self.precision = str(run.amp or "float32")
+        self.lr_at = lr_schedule(run.spec.config, self.steps)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=run.amp == torch.float16)
+
+    def rng_scope(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()  # the global RNGs are re-seeded per epoch (seed_module_rngs)
+
+    def epoch0(self, idx: list[int]) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+        return [self.run.epoch0()]
+
+    def start_epoch(self, epoch: int) -> None:
+        spec = self.run.spec
+        seed_module_rngs(spec.init_seed, spec.data_seed, epoch)
+        self.run.objective.start_epoch(epoch)
+        self.batches = self.run.feed.epoch(epoch)
+        self.run.built.net.train()
+        self.total, self.n = torch.zeros((), device=self.ctx.device), 0  # on the device: no host sync per step
+
+    def step(self, i: int, lr_factor: float) -> None:
+        run, net, optimizer, scaler = self.run, self.run.built.net, self.run.optimizer, self.scaler
+        batch = next(self.batches)
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * lr_factor
+        with torch.autocast(self.ctx.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
+            loss, b = run.objective.loss(net, batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        clip = run.spec.config.optimizer.grad_clip
+        if clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        scaler.step(optimizer)
+        scaler.update()
+        self.total += loss.detach().float() * b
+        self.n += b
+
+    def end_epoch(self) -> list[tuple[bool, float]]:
+        objective_loss = self.total.item() / max(1, self.n)  # a non-finite loss poisons the sum
+        return [(math.isfinite(objective_loss), objective_loss)]
+
+    def evaluate(self) -> list[dict[str, Any]]:
+        return [self.run.evaluate()]
+
+    def states(self) -> list[dict[str, torch.Tensor]]:
+        return [self.run.built.export()]
+
+    def columns(self, j: int, state: dict[str, torch.Tensor], epoch0: bool = False) -> dict[str, Any]:
+        return self.run.objective.columns(state, 0 if epoch0 else self.steps)
+
+    def lr(self, j: int) -> float:
+        return self.run.optimizer.param_groups[0]["lr"]
+
+    def save_resume(self, j: int, epoch: int, elapsed_s: float) -> None:
+        self.members[0].writer.save_resume(epoch, self.run.built.net.state_dict(), self.run.optimizer.state_dict(),
+                                           {"elapsed_s": elapsed_s})
+
+    def keep(self, idx: list[int]) -> None:
+        pass
+
+
+def _non_finite_loss(metrics: dict[str, Any]) -> bool:
+    return any(isinstance(v, float) and not math.isfinite(v) for k, v in metrics.items()
+               if k.endswith("loss") and v is not None)
+
+
+def train_group(group: Members, ctx: RunContext, desc: str) -> Iterator[dict[str, Any]]:
+    """The epoch loop: train every member of ``group`` to its stage's last epoch (or its divergence).
+
+    Yields each member's run.json content as soon as it is finished. Every member starts after the same
+    epoch (``members[i].start``). Per epoch: seeding and feeds (``start_epoch``), the steps, one host sync
+    (``end_epoch``), evaluation, the divergence rule, history rows, checkpoint epochs, resume points; then
+    the stop hook (``ctx.stop_after_epoch``) once every member's files are written.
+    """
+    members = group.members
+    cfg = members[0].spec.config
+    saved = set(cfg.saved_epochs())
+    lr_at = lr_schedule(cfg, group.steps)
+    t0, p0 = time.time(), len(members)
+
+    def wall(m: Member) -> float:  # this attempt's time, shared equally, plus earlier attempts
+        return m.elapsed + (time.time() - t0) / p0
+
+    def finish(m: Member, status: str) -> dict[str, Any]:
+        return finish_run(m.spec, ctx, m.writer, m.built, dataset=m.dataset, last_good=m.last_good,
+                          status=status, wall_s=wall(m), precision=group.precision)
+
+    fresh = [j for j, m in enumerate(members) if m.fresh]
+    if fresh:  # epoch 0: the initialisation (a twin: its parent), evaluated and saved
+        for j, (metrics, state) in zip(fresh, group.epoch0(fresh), strict=True):
+            m = members[j]
+            m.history = [history_row(0, metrics, 0.0, None, **group.columns(j, state, epoch0=True))]
+            m.writer.save_epoch(0, state)
+            m.writer.save_history(m.history)
+            group.save_resume(j, 0, wall(m))
+            m.last_good = (0, None)
+    resumed = [j for j, m in enumerate(members) if not m.fresh and m.start not in saved]
+    if resumed:  # resumed after an epoch that is not a checkpoint: its state is kept in memory
+        states = group.states()
+        for j in resumed:
+            members[j].last_good = (members[j].start, states[j])
+    active = list(range(len(members)))
+    start = members[0].start
+    bar = progress_bar(ctx, cfg.epochs * group.steps, desc, start * group.steps)
+    with group.rng_scope():
+        for epoch in range(start + 1, cfg.epochs + 1):
+            group.start_epoch(epoch)
+            for i in range(group.steps):
+                group.step(i, lr_at((epoch - 1) * group.steps + i))
+                if bar is not None:
+                    bar.update(1)
+            ends = group.end_epoch()
+            ok = [j for j in active if ends[j][0]]
+            metrics = group.evaluate() if ok else []
+            ok = [j for j in ok if not _non_finite_loss(metrics[j])]
+            states = group.states() if ok else []
+            for j in active:
+                m = members[j]
+                if j not in ok:
+                    ctx.log(f"{m.spec.run_id}: diverged in epoch {epoch}; keeping epoch {m.last_good[0]}")
+                    yield finish(m, "diverged")
+                    continue
+                m.history.append(history_row(epoch, metrics[j], group.lr(j), ends[j][1],
+                                             **group.columns(j, states[j])))
+                if epoch in saved:
+                    m.writer.save_epoch(epoch, states[j])
+                m.writer.save_history(m.history)
+                group.save_resume(j, epoch, wall(m))
+                m.last_good = (epoch, None if epoch in saved else states[j])
+            active = ok
+            group.keep(active)
+            if not active:
+                break
+            if ctx.stop_after_epoch is not None and epoch >= ctx.stop_after_epoch:
+                raise KeyboardInterrupt(f"stop_after_epoch={ctx.stop_after_epoch}")
+    if bar is not None:
+        bar.close()
+    for j in active:
+        yield finish(members[j], "done")
+
+
 def train_run(spec: RunSpec, ctx: RunContext, *, noise: bool = True) -> dict[str, Any]:
-    """Train ``spec`` into ``<zoo>/models/<run_id>``; returns its run.json content.
+    """Train ``spec`` alone into ``<zoo>/models/<run_id>``; returns its run.json content.
 
     ``noise=False`` (tests only) trains twins on the mean of the local reparameterisation.
     """
@@ -116,67 +307,13 @@ def train_run(spec: RunSpec, ctx: RunContext, *, noise: bool = True) -> dict[str
     writer.discard_temp_files()
     t_start = time.time()
     run = build_module_run(spec, ctx, noise=noise)
-    cfg, net, optimizer, objective, feed = spec.config, run.built.net, run.optimizer, run.objective, run.feed
-    steps = feed.steps
-    if steps == 0:
+    if run.feed.steps == 0:
         raise ValueError(f"{spec.run_id}: the training split is empty")
-    lr_at = lr_schedule(cfg, steps)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=run.amp == torch.float16)
-    saved = set(cfg.saved_epochs())
-
-    restored = restore(ctx, writer, spec, net, optimizer)
+    member = Member(spec, writer, run.built, run.dataset)
+    restored = restore(ctx, writer, spec, run.built.net, run.optimizer)
     if restored is not None:
-        start_epoch, history, elapsed = restored
-        t_start -= elapsed
-    else:  # epoch 0: the initialisation, evaluated and saved
-        start_epoch = 0
-        metrics, state0 = run.epoch0()
-        history = [history_row(0, metrics, 0.0, None, **objective.columns(state0, 0))]
-        writer.save_epoch(0, state0)
-        writer.save_history(history)
-        writer.save_resume(0, net.state_dict(), optimizer.state_dict(), {"elapsed_s": time.time() - t_start})
-    last_good = (start_epoch, run.built.export() if start_epoch not in saved else None)
-
-    status = "done"
-    bar = progress_bar(ctx, cfg.epochs * steps, spec.run_id, start_epoch * steps)
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        seed_module_rngs(spec.init_seed, spec.data_seed, epoch)
-        objective.start_epoch(epoch)
-        batches = feed.epoch(epoch)
-        net.train()
-        total, n = torch.zeros((), device=ctx.device), 0  # on the device: no host sync per step
-        for i, batch in enumerate(batches):
-            step = (epoch - 1) * steps + i
-            for g in optimizer.param_groups:
-                g["lr"] = g["initial_lr"] * lr_at(step)
-            with torch.autocast(ctx.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
-                loss, b = objective.loss(net, batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.optimizer.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optimizer.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            total += loss.detach().float() * b
-            n += b
-            if bar is not None:
-                bar.update(1)
-        objective_loss = total.item() / max(1, n)
-        diverged = not math.isfinite(objective_loss)
-        if not diverged:
-            metrics = run.evaluate()
-            diverged = any(isinstance(v, float) and not math.isfinite(v) for k, v in metrics.items()
-                           if k.endswith("loss") and v is not None)
-        if diverged:
-            status = "diverged"
-            ctx.log(f"{spec.run_id}: diverged in epoch {epoch}; keeping epoch {last_good[0]}")
-            break
-        state = run.built.export()
-        history.append(history_row(epoch, metrics, optimizer.param_groups[0]["lr"], objective_loss,
-                                   **objective.columns(state, steps)))
-        last_good = end_epoch(ctx, writer, epoch, state, saved, history, net, optimizer, t_start)
-    if bar is not None:
-        bar.close()
-    return finish_run(spec, ctx, writer, run.built, dataset=run.dataset, last_good=last_good, status=status,
-                      wall_s=time.time() - t_start, precision=str(run.amp or "float32"))
+        member.start, member.history, member.elapsed = restored
+        member.fresh = False
+    member.elapsed += time.time() - t_start  # building and restoring count as this run's time
+    infos = list(train_group(ModuleMembers(run, member, ctx), ctx, spec.run_id))
+    return infos[0]

@@ -75,14 +75,13 @@ other than Adam/AdamW/SGD (LAMB, Lion), and in ``auto`` mode groups smaller than
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
 import math
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -93,9 +92,9 @@ from torch.func import functional_call, grad_and_value, vmap
 from vitzoo.models import cnn_variant
 from vitzoo.plan import RunSpec, canonical_json
 from vitzoo.train.build import load_parent
-from vitzoo.train.checkpoint import end_epoch, finish_run, history_row, restore
-from vitzoo.train.context import RunContext, progress_bar
-from vitzoo.train.engine import train_run
+from vitzoo.train.checkpoint import finish_run, restore
+from vitzoo.train.context import RunContext
+from vitzoo.train.engine import Member, train_group, train_run
 from vitzoo.train.evaluate import TRAIN_EVAL_CAP
 from vitzoo.train.functional_optim import adam_, clip_coefficients, sgd_
 from vitzoo.train.population import (
@@ -114,7 +113,6 @@ from vitzoo.train.variational import (
     parent_img_size,
     prepare_twin,
     sparsity_ratio,
-    write_epoch0,
 )
 from vitzoo.zoo.writer import RunWriter
 
@@ -239,50 +237,35 @@ def _max_population(spec: RunSpec, pcfg: dict[str, Any], device: torch.device) -
 # --------------------------------------------------------------------------- members and their files
 
 
-@dataclass
-class _Member:
-    """One twin of a population and its bookkeeping."""
-
-    twin: Twin
-    start: int
-    """The last epoch done (0 for a fresh twin)."""
-    fresh: bool
-    """Nothing on disk yet: epoch 0 is still to be written."""
-    history: list[dict[str, Any]]
-    elapsed: float
-    """Seconds spent on this twin before this attempt (from its resume point)."""
-    last_good: tuple[int, dict[str, Tensor] | None] = (0, None)
-    done: bool = False
-
-
-def _member(spec: RunSpec, parent: tuple[dict[str, Any], dict[str, Tensor]], ctx: RunContext, noise: bool) -> _Member:
+def _member(spec: RunSpec, parent: tuple[dict[str, Any], dict[str, Tensor]], ctx: RunContext,
+            noise: bool) -> tuple[Twin, Member]:
+    """A twin ready to train and its record (restored from its resume point, if any)."""
     twin = prepare_twin(spec, ctx, noise=noise, parent=parent)
     twin.writer.discard_temp_files()
+    m = Member(spec, twin.writer, twin.built, twin.data.name)
     restored = restore(ctx, twin.writer, spec, twin.net, twin.optimizer)
-    if restored is None:
-        return _Member(twin, 0, True, [], 0.0)
-    epoch, history, elapsed = restored
-    m = _Member(twin, epoch, False, history, elapsed)
-    saved = set(spec.config.saved_epochs())
-    m.last_good = (epoch, twin.built.export() if epoch not in saved else None)
-    return m
+    if restored is not None:
+        m.start, m.history, m.elapsed = restored
+        m.fresh = False
+        m.last_good = (m.start, twin.built.export() if m.start not in set(spec.config.saved_epochs()) else None)
+    return twin, m
 
 
 def _train_chunk(chunk: list[tuple[RunSpec, tuple[dict[str, Any], dict[str, Tensor]]]], ctx: RunContext,
                  least: int, noise: bool) -> Iterator[dict[str, Any]]:
     """Restore the chunk's twins, split them by resume point, and train each part (OOM: halved)."""
     members = [_member(spec, parent, ctx, noise) for spec, parent in chunk]
-    parts: dict[int, list[_Member]] = {}
-    for m in members:  # normally one part; two after an interruption in the middle of writing an epoch
-        parts.setdefault(m.start, []).append(m)
+    parts: dict[int, list[tuple[Twin, Member]]] = {}
+    for tw, m in members:  # normally one part; two after an interruption in the middle of writing an epoch
+        parts.setdefault(m.start, []).append((tw, m))
     for start, part in sorted(parts.items()):
-        if start >= part[0].twin.spec.config.epochs:  # all epochs done, killed before finishing
-            for m in part:
-                yield finish_twin(m.twin, ctx, m.last_good, "done", m.elapsed)
+        if start >= part[0][0].spec.config.epochs:  # all epochs done, killed before finishing
+            for tw, m in part:
+                yield finish_twin(tw, ctx, m.last_good, "done", m.elapsed)
             continue
         if len(part) < least:
-            for m in part:
-                yield train_run(m.twin.spec, ctx, noise=noise)
+            for tw, _ in part:
+                yield train_run(tw.spec, ctx, noise=noise)
             continue
         queue = [part]
         while queue:
@@ -296,7 +279,7 @@ def _train_chunk(chunk: list[tuple[RunSpec, tuple[dict[str, Any], dict[str, Tens
                     torch.cuda.empty_cache()
                 queue[:0] = [sub[:len(sub) // 2], sub[len(sub) // 2:]]
                 continue
-            yield from pop.train(ctx)
+            yield from train_group(pop, ctx, f"twins x{pop.P}")
             del pop
 
 
@@ -306,11 +289,13 @@ def _train_chunk(chunk: list[tuple[RunSpec, tuple[dict[str, Any], dict[str, Tens
 class _TwinPopulation:
     """P twins (one network shape, one resume point) as one flat (P, n_params) buffer."""
 
-    def __init__(self, members: list[_Member], ctx: RunContext) -> None:
-        self.members = members
-        self.P = len(members)
+    def __init__(self, part: list[tuple[Twin, Member]], ctx: RunContext) -> None:
+        self.twins = twins = [tw for tw, _ in part]
+        self.members = [m for _, m in part]
+        self.P = len(part)
         self.device = dev = ctx.device
-        twins = [m.twin for m in members]
+        self.precision = "float32"
+        members = self.members
         t0 = twins[0]
         self.cfg = cfg = t0.spec.config
         assert cfg.sparsify is not None
@@ -427,7 +412,7 @@ class _TwinPopulation:
             if any(float(g["initial_lr"]) != lr[-1] for g in o.param_groups):
                 raise ValueError("per-group learning rates are not vectorised")
             mom.append(float(o.param_groups[0].get("momentum", 0.0)))
-        self.lr = torch.tensor(lr, dtype=torch.float64, device=dev)
+        self.lr0 = torch.tensor(lr, dtype=torch.float64, device=dev)
         self.mom = torch.tensor(mom, dtype=torch.float32, device=dev)
         self.momenta = mom
         self.any_momentum = any(m != 0 for m in mom)
@@ -450,7 +435,7 @@ class _TwinPopulation:
     def write_back(self, i: int) -> None:
         """Copy twin ``i``'s row (parameters, optimizer buffers, step) into its own net and torch.optim
         object, whose state dicts are the resume format shared with the one-by-one path."""
-        tw = self.members[i].twin
+        tw = self.twins[i]
         params = dict(tw.net.named_parameters())
         with torch.no_grad():
             for n in self.names:
@@ -480,7 +465,7 @@ class _TwinPopulation:
             g = g * clip_coefficients(norms, self.clip)[:, None]
         self.loss_sum += torch.where(ok, loss.double() * x.shape[1], 0.0)
         self.kl_sum += torch.where(ok, kl.double(), 0.0)
-        lr = self.lr * factor * ok.double()  # frozen twins: a zero step on a zeroed gradient
+        lr = self.lr0 * factor * ok.double()  # frozen twins: a zero step on a zeroed gradient
         self.step_count += 1
         p = self.flat
         with torch.no_grad():
@@ -557,79 +542,60 @@ class _TwinPopulation:
             off += n
         return out
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the engine's Members interface
 
-    def train(self, ctx: RunContext) -> Iterator[dict[str, Any]]:
-        """Train every twin to the stage's last epoch; yields each run.json content once it is finished."""
-        cfg, P, members = self.cfg, self.P, self.members
-        epochs, start = cfg.epochs, members[0].start
-        saved = set(cfg.saved_epochs())
-        quiet = dataclasses.replace(ctx, stop_after_epoch=None)  # the stop hook fires once all twins saved
-        t0 = time.time()
+    def rng_scope(self) -> contextlib.AbstractContextManager[Any]:
+        """The noise stream is the group's (seeded per epoch in ``start_epoch``); the caller's RNG is kept."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
-        def share(m: _Member) -> float:  # this attempt's time split equally among the twins, plus earlier attempts
-            return m.elapsed + (time.time() - t0) / P
+    def epoch0(self, idx: list[int]) -> list[tuple[dict[str, Any], dict[str, Tensor]]]:
+        """The parents' states, unchanged, evaluated unpruned."""
+        metrics = self.evaluate(pruned=False)
+        return [(metrics[i], {k: v.detach().to("cpu", copy=True) for k, v in self.twins[i].parent_state.items()})
+                for i in idx]
 
-        fresh = [i for i, m in enumerate(members) if m.fresh]
-        if fresh:  # epoch 0: the parents' states, evaluated unpruned
-            metrics0 = self.evaluate(pruned=False)
-            for i in fresh:
-                m = members[i]
-                m.history = write_epoch0(m.twin, metrics0[i], share(m))
-                m.last_good = (0, None)
-        digest = int.from_bytes(hashlib.sha256(",".join(m.twin.spec.run_id for m in members).encode()).digest()[:8],
-                                "little")
-        bar = progress_bar(ctx, (epochs - start) * self.steps, f"twins x{P}", 0)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            for epoch in range(start + 1, epochs + 1):
-                torch.manual_seed(mix(_NOISE_STREAM, epoch, digest))
-                order = torch.stack([epoch_order(m.twin.spec.data_seed, epoch, self.n_train)
-                                     for m in members]).to(self.device)  # (P, N)
-                kl_scale = (self.kl_weight * kl_ramp(epoch, epochs) / self.n_train).float()  # sparsify.py's order
-                self.loss_sum = torch.zeros(P, dtype=torch.float64, device=self.device)
-                self.kl_sum = torch.zeros(P, dtype=torch.float64, device=self.device)
-                for i in range(self.steps):
-                    idx = order[:, i * self.batch:(i + 1) * self.batch]
-                    self.train_step(self.train_x[idx], self.train_y[idx], self.lr_at((epoch - 1) * self.steps + i),
-                                    kl_scale)
-                    if bar is not None:
-                        bar.update(1)
-                del order
-                yield from self._end_epoch(epoch, ctx, quiet, saved, share)
-                if not any(not m.done for m in members):
-                    break
-                if ctx.stop_after_epoch is not None and epoch >= ctx.stop_after_epoch:
-                    raise KeyboardInterrupt(f"stop_after_epoch={ctx.stop_after_epoch}")
-        if bar is not None:
-            bar.close()
-        for m in members:
-            if not m.done:
-                m.done = True
-                yield finish_twin(m.twin, ctx, m.last_good, "done", share(m))
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        digest = int.from_bytes(hashlib.sha256(",".join(tw.spec.run_id for tw in self.twins).encode())
+                                .digest()[:8], "little")
+        torch.manual_seed(mix(_NOISE_STREAM, epoch, digest))
+        self.order = torch.stack([epoch_order(tw.spec.data_seed, epoch, self.n_train)
+                                  for tw in self.twins]).to(self.device)  # (P, N)
+        self.kl_scale = (self.kl_weight * kl_ramp(epoch, self.cfg.epochs) / self.n_train).float()
+        self.loss_sum = torch.zeros(self.P, dtype=torch.float64, device=self.device)
+        self.kl_sum = torch.zeros(self.P, dtype=torch.float64, device=self.device)
 
-    def _end_epoch(self, epoch: int, ctx: RunContext, quiet: RunContext, saved: set[int],
-                   share: Callable[[_Member], float]) -> Iterator[dict[str, Any]]:
-        """After an epoch: divergence, evaluation, history, states and resume points of every twin."""
+    def step(self, i: int, lr_factor: float) -> None:
+        idx = self.order[:, i * self.batch:(i + 1) * self.batch]
+        self.train_step(self.train_x[idx], self.train_y[idx], lr_factor, self.kl_scale)
+
+    def end_epoch(self) -> list[tuple[bool, float]]:
+        del self.order
         alive = self.alive.tolist()  # one host sync per epoch
         objective = (self.loss_sum / self.seen).tolist()
-        kl = (self.kl_sum / self.steps).tolist()
-        metrics = self.evaluate()
-        states = self.pruned_states()
-        lr_last = self.lr_at(epoch * self.steps - 1)
-        for i, m in enumerate(self.members):
-            if m.done:
-                continue
-            ok = alive[i] and math.isfinite(objective[i]) and not any(
-                not math.isfinite(v) for k, v in metrics[i].items() if k.endswith("loss"))
-            if not ok:
-                self.alive[i] = False
-                m.done = True
-                ctx.log(f"{m.twin.spec.run_id}: diverged in epoch {epoch}; keeping epoch {m.last_good[0]}")
-                yield finish_twin(m.twin, ctx, m.last_good, "diverged", share(m))
-                continue
-            lr = float(self.lr[i]) * lr_last
-            m.history.append(history_row(epoch, metrics[i], lr, objective[i], kl=kl[i],
-                                         sparsity_ratio=sparsity_ratio(states[i], m.twin.weight_keys)))
-            self.write_back(i)
-            m.last_good = end_epoch(quiet, m.twin.writer, epoch, states[i], saved, m.history, m.twin.net,
-                                    m.twin.optimizer, time.time() - share(m))
+        self.kl_epoch = (self.kl_sum / self.steps).tolist()
+        return [(a and math.isfinite(o), o) for a, o in zip(alive, objective, strict=True)]
+
+    def states(self) -> list[dict[str, Tensor]]:
+        return self.pruned_states()
+
+    def columns(self, j: int, state: dict[str, Tensor], epoch0: bool = False) -> dict[str, Any]:
+        return {"kl": None if epoch0 else self.kl_epoch[j],
+                "sparsity_ratio": sparsity_ratio(state, self.twins[j].weight_keys)}
+
+    def lr(self, j: int) -> float:
+        return float(self.lr0[j]) * self.lr_at(self.epoch * self.steps - 1)
+
+    def save_resume(self, j: int, epoch: int, elapsed_s: float) -> None:
+        """The per-run resume point (shared with twins trained alone): row ``j`` written back into the twin's
+        own net and torch optimizer, whose state dicts are saved."""
+        tw = self.twins[j]
+        if epoch > 0:
+            self.write_back(j)
+        tw.writer.save_resume(epoch, tw.net.state_dict(), tw.optimizer.state_dict(), {"elapsed_s": elapsed_s})
+
+    def keep(self, idx: list[int]) -> None:
+        """Members not in ``idx`` are frozen (zero steps); the stack keeps its shape."""
+        mask = torch.zeros(self.P, dtype=torch.bool, device=self.device)
+        mask[idx] = True
+        self.alive &= mask

@@ -27,7 +27,7 @@ trained alone goes through the engine (:func:`vitzoo.train.engine.train_run`, ob
 :class:`~vitzoo.train.objectives.VariationalDropout`) like any run: data order, seeding, resume and
 divergence are the engine's. Twins of CNN-s / CNN-m parents are trained many at once by
 :mod:`vitzoo.train.sparsify_population` with the same semantics and the same files, built from the
-pieces here (:func:`prepare_twin`, :func:`write_epoch0`, :func:`history_row`, :func:`finish_twin`).
+pieces here (:func:`prepare_twin`, the layers and the maths), driven by the same epoch loop.
 ``noise=False`` (tests only) replaces the Gaussian sample of the local reparameterisation by its mean
 in both, which makes training deterministic and the two engines comparable to float tolerance.
 """
@@ -45,7 +45,6 @@ from vitzoo.data.pipeline import Preprocessing, preprocessing_for
 from vitzoo.data.sources import SplitData
 from vitzoo.plan import RunSpec
 from vitzoo.train.build import load_parent, make_optimizer
-from vitzoo.train.checkpoint import history_row
 from vitzoo.train.context import Built, RunContext
 from vitzoo.zoo.writer import RunWriter
 
@@ -280,14 +279,3 @@ def parent_img_size(pcfg: dict[str, Any]) -> int:
     """The input resolution of a parent model, from its config.json."""
     args = pcfg.get("model_args") or {}
     return int(pcfg.get("pretrained_cfg", {}).get("input_size", [0, 0, args.get("img_size", 224)])[-1])
-
-
-def write_epoch0(twin: Twin, metrics: dict[str, Any], elapsed_s: float) -> list[dict[str, Any]]:
-    """Epoch 0 of a twin: its parent's state, unchanged, with ``metrics`` (the parent's, unpruned).
-    Saves the state, the history and the resume point; returns the history."""
-    state0 = {k: v.detach().to("cpu", copy=True) for k, v in twin.parent_state.items()}
-    history = [history_row(0, metrics, 0.0, None, kl=None, sparsity_ratio=sparsity_ratio(state0, twin.weight_keys))]
-    twin.writer.save_epoch(0, state0)
-    twin.writer.save_history(history)
-    twin.writer.save_resume(0, twin.net.state_dict(), twin.optimizer.state_dict(), {"elapsed_s": elapsed_s})
-    return history
