@@ -27,8 +27,11 @@ def _tiny_state(seed: int, epoch: int, big: int = 0) -> dict[str, Any]:
 
 def write_test_zoo(root: str | Path, n_models: int = 3, n_unfinished: int = 0, epochs: int = 2,
                    stage: str = "pretrain", big: int = 0, seed0: int = 0, parent_id: str | None = None,
-                   zoo_info: dict[str, Any] | None = None) -> Path:
+                   zoo_info: dict[str, Any] | None = None, config: dict[str, Any] | None = None) -> Path:
     """A zoo folder with ``n_models`` finished models (``epochs+1`` states each) and unfinished ones.
+
+    ``config``: more fields of every run's resolved config (e.g. list-valued ones, which become list
+    columns of the index).
 
     Finished models go through :class:`vitzoo.zoo.writer.RunWriter` (model.safetensors,
     checkpoints.safetensors, config.json, run.json); unfinished ones only have ``.partial/``.
@@ -56,6 +59,7 @@ def write_test_zoo(root: str | Path, n_models: int = 3, n_unfinished: int = 0, e
             continue  # unfinished: stays in .partial/
         lr = [1e-3, 1e-4][i % 2]
         cfg = {"model": {"variant": "tiny"}, "optimizer": {"name": "adamw", "lr": lr}, "epochs": epochs}
+        cfg.update(config or {})
         w.finalize(config_json={"architecture": "vitzoo/test-mlp", "num_classes": 3,
                                 "vitzoo": {"run_id": run_id, "stage": stage}},
                    run_info={"stage": stage, "config": cfg, "factors": {"optimizer.lr": lr}, "init_seed": i,

@@ -36,6 +36,10 @@ def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -
                    help="check that indexed files exist and have the right size, but skip sha256 (faster)")
     p.add_argument("--no-cards", action="store_true",
                    help="push README.md/model cards as they are instead of re-rendering them from the index")
+    p.add_argument("--index-dataset", nargs="?", const=True, default=None, metavar="ORG/NAME-INDEX",
+                   help="also publish index.parquet (and analysis.parquet when present) as a dataset repo, "
+                        "browsable in the Hub's table viewer and loadable with datasets.load_dataset "
+                        "(default name: REPO_ID-index); recorded in zoo.json so the zoo card links it")
     p.set_defaults(fn=cmd_push)
 
     c = subparsers.add_parser(
@@ -55,7 +59,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     result = push(args.zoo, args.repo_id, revision=args.revision,
                   tag=False if args.no_tag else args.tag, endpoint=args.endpoint, private=args.private,
-                  check_hashes=not args.no_verify_hashes, cards=not args.no_cards)
+                  check_hashes=not args.no_verify_hashes, cards=not args.no_cards,
+                  index_dataset=args.index_dataset)
     print(result)  # the command's result (stdout); progress went to the log (stderr)
     return 0
 

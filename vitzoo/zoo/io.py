@@ -17,6 +17,12 @@ from typing import Any
 import safetensors.torch
 
 FORMAT_VERSION = 1
+"""The zoo format written (zoo.json ``format_version``, config.json ``vitzoo.format_version``, index.parquet).
+
+1: list-valued index columns are JSON strings. 2 (read already, see vitzoo.zoo.index; written by
+``index_bytes(df, 2)`` and by ``vitzoo push --index-dataset``): they are native parquet lists and
+index.parquet's key-value metadata records the format. Writing 2 for zoos waits for the card code to
+read the index through ``vitzoo.zoo.index.read_index`` (it still ``json.loads`` ``grid_factors``)."""
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vitzoo.models.names import TIMM_NAMES
-from vitzoo.zoo.io import write_json, write_text
+from vitzoo.zoo.io import FORMAT_VERSION, write_json, write_text
 
 _CKPT_DIR = re.compile(r"^checkpoint_(\d+)$")
 _METRIC_ALIASES = {
@@ -251,7 +251,7 @@ def convert(legacy_dir: str | Path, zoo_dir: str | Path, *, name: str | None = N
     from vitzoo import __version__
 
     write_json(out / "zoo.json", {
-        "format_version": 1, "name": zoo_name,
+        "format_version": FORMAT_VERSION, "name": zoo_name,
         "description": f"Converted from the legacy (Ray Tune layout) model zoo `{legacy.name}`.",
         "license": license, "status": "complete", "counts": counts,
         "provenance": {"converted_from": legacy.name, "converted_by": f"vitzoo {__version__}",

@@ -6,6 +6,11 @@ downloaded copy from the Hub cache). Only the index and small metadata files are
 weights are read when a state is asked for, and each weight file's sha256 is checked against the
 index before its first use, so a corrupted or tampered file is never silently used.
 
+``Zoo.download(view)`` fetches everything a view needs at once (for a Hub zoo: one
+``snapshot_download`` of exactly those files, ``max_workers`` in parallel) and hashes each weight
+file once, in threads; the digest is remembered by the Zoo and every view filtered from it, so
+later reads never hash a file again.
+
 This module never imports the training code.
 """
 
@@ -13,6 +18,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,8 +33,13 @@ from torch import nn
 from vitzoo.errors import ZooError
 from vitzoo.recipe import AXIS_ALIASES
 from vitzoo.zoo import weights
-from vitzoo.zoo.index import INDEX_FILE
+from vitzoo.zoo.index import INDEX_FILE, arrow_ready, read_index
 from vitzoo.zoo.io import sha256_file
+
+logger = logging.getLogger(__name__)
+
+#: The small per-model files a downloaded view also gets (config.json: the architecture; run.json: ``run_info``).
+MODEL_META_FILES = ("config.json", "run.json")
 
 
 class Source(Protocol):
@@ -46,6 +59,15 @@ class LocalSource:
         if not p.exists():
             raise ZooError(f"{self.root}: no file {relpath!r}")
         return p
+
+    def local_paths(self, relpaths: Iterable[str], max_workers: int = 8) -> dict[str, Path]:
+        """Every path of ``relpaths`` (all must exist): the folder needs no download."""
+        paths = {rel: self.root / rel for rel in relpaths}
+        missing = sorted(rel for rel, p in paths.items() if not p.is_file())
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ZooError(f"{self.root}: no file {missing[0]!r}{more}")
+        return paths
 
     def json(self, relpath: str) -> dict[str, Any]:
         return json.loads(self.local_path(relpath).read_text())
@@ -76,7 +98,7 @@ class Zoo:
 
     def __init__(self, source: Source, index: pd.DataFrame | None = None, _verified: set[str] | None = None):
         self.source = source
-        self.index = index if index is not None else pd.read_parquet(source.local_path(INDEX_FILE))
+        self.index = index if index is not None else read_index(source.local_path(INDEX_FILE))
         self._verified: set[str] = _verified if _verified is not None else set()  # shared by filtered views
         self._configs: dict[str, dict[str, Any]] = {}
 
@@ -120,7 +142,9 @@ class Zoo:
 
         ``zoo.filter(stage="finetune", lr=1e-3, head=["linear", "mlp"], test_acc=lambda a: a > .5,
         epochs=(0, 10))``. Keys are index columns or the recipe's axis aliases (``lr``, ``head``...);
-        values are a scalar, a list (any of), or a predicate on the column.
+        values are a scalar, a list (any of), or a predicate on the column. On a list-valued column
+        (``grid_factors``, ``finetune.lora_targets``) a scalar keeps the rows whose list contains it
+        and a list the rows whose list equals it.
         """
         df = self.index
         for key, want in conds.items():
@@ -129,6 +153,11 @@ class Zoo:
                 raise ZooError(f"filter: no column {key!r}; columns: {', '.join(df.columns)}")
             if callable(want):
                 mask = df[col].map(lambda v, f=want: bool(f(v)))
+            elif _is_list_column(df[col]):  # a scalar: rows whose list holds it; a list: rows with that list
+                if isinstance(want, (list, tuple)):
+                    mask = df[col].map(lambda v, w=list(want): isinstance(v, list) and v == w)
+                else:
+                    mask = df[col].map(lambda v, w=want: isinstance(v, list) and w in v)
             elif isinstance(want, (list, tuple, set)):
                 mask = df[col].isin(list(want))
             else:
@@ -177,12 +206,74 @@ class Zoo:
         """
         path = self.source.local_path(row["file"])
         if row["file"] not in self._verified:
-            digest = sha256_file(path)
-            if digest != row["sha256"]:
-                raise ZooError(f"{row['file']}: sha256 {digest[:12]}… does not match the index "
-                               f"({row['sha256'][:12]}…); the file is corrupt or was changed")
-            self._verified.add(row["file"])
+            problem = self._check_hash(row["file"], path, str(row["sha256"]))
+            if problem:
+                raise ZooError(problem)
         return path
+
+    def _check_hash(self, relpath: str, path: Path, expected: str) -> str | None:
+        """Hash one file (once: it is then remembered as verified); the error text if it does not match."""
+        digest = sha256_file(path)
+        if digest != expected:
+            where = ("" if isinstance(self.source, LocalSource)
+                     else f" (cached copy {path.resolve()}: delete it to download it again)")
+            return (f"{relpath}: sha256 {digest[:12]}… does not match the index ({expected[:12]}…); "
+                    f"the file is corrupt or was changed{where}")
+        self._verified.add(relpath)
+        return None
+
+    def download(self, view: Zoo | pd.DataFrame | None = None, *, max_workers: int = 8,
+                 verify: bool = True) -> Path:
+        """Fetch every file a view needs at once and verify each weight file; returns the local root.
+
+        ``view``: a Zoo view (``zoo.filter(...)``), a DataFrame of index rows, or ``None`` for this
+        Zoo's own index (so ``zoo.filter(stage="finetune").download()`` works too). The files are the
+        weight files of the view's rows plus each of its models' ``config.json`` and ``run.json``.
+        A Hub zoo gets them with one ``huggingface_hub.snapshot_download`` pinned to the zoo's commit
+        (``allow_patterns`` = exactly those paths, ``max_workers`` parallel downloads; files already
+        in the HF cache are not fetched again); a local folder needs no download. Then every weight
+        file not verified yet is hashed once, ``max_workers`` at a time, and remembered (by this Zoo
+        and all views filtered from it): reading states afterwards never hashes again. A mismatch
+        raises :class:`~vitzoo.errors.ZooError` naming every bad file. The returned folder mirrors
+        the repo (``<root>/models/<id>/...``).
+        """
+        rows = self._view_rows(view)
+        weights_files = dict(zip(rows["file"], rows["sha256"]))  # file -> sha256 (one per file)
+        model_ids = list(dict.fromkeys(rows["model_id"]))
+        wanted = [*weights_files, *(f"models/{m}/{name}" for m in model_ids for name in MODEL_META_FILES)]
+        paths = self._fetch(wanted, max_workers=max_workers)
+        if verify:
+            todo = [(rel, paths[rel], str(sha)) for rel, sha in weights_files.items() if rel not in self._verified]
+            if todo:
+                logger.debug("verifying sha256 of %d files (%d threads)", len(todo), max(1, max_workers))
+                with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(todo)))) as pool:
+                    problems = [p for p in pool.map(lambda t: self._check_hash(*t), todo) if p]
+                if problems:
+                    more = f"\n  ... and {len(problems) - 1} more" if len(problems) > 1 else ""
+                    raise ZooError(f"{len(problems)} of {len(todo)} downloaded files do not match the index: "
+                                   f"{problems[0]}" + "".join(f"\n  {p}" for p in problems[1:5]) + more)
+        return Path(getattr(self.source, "snapshot_dir", None) or getattr(self.source, "root", ""))
+
+    def _view_rows(self, view: Zoo | pd.DataFrame | None) -> pd.DataFrame:
+        if view is None:
+            return self.index
+        if isinstance(view, Zoo):
+            if view.source is not self.source:
+                raise ZooError("download: the view belongs to another zoo")
+            return view.index
+        if isinstance(view, pd.DataFrame):
+            missing = {"model_id", "file", "sha256"} - set(view.columns)
+            if missing:
+                raise ZooError(f"download: a DataFrame of index rows needs the columns {sorted(missing)}")
+            return view
+        raise ZooError(f"download: expected a zoo view or index rows, not {type(view).__name__}")
+
+    def _fetch(self, relpaths: list[str], *, max_workers: int = 8) -> dict[str, Path]:
+        """Local paths of ``relpaths``, fetched together where the source can (Hub: one snapshot call)."""
+        bulk = getattr(self.source, "local_paths", None)
+        if bulk is not None:
+            return bulk(relpaths, max_workers=max_workers)
+        return {rel: self.source.local_path(rel) for rel in relpaths}
 
     def state_dict(self, model_id: str, epoch: int | None = None) -> dict[str, torch.Tensor]:
         """The weights of one state (default: the final one), in timm naming."""
@@ -222,10 +313,10 @@ class Zoo:
         return weights.param_order(self, model_id)  # the network is built once per distinct architecture
 
     def to_dataset(self):
-        """The index as a ``datasets.Dataset``."""
+        """The index as a ``datasets.Dataset`` (list columns as sequences; see ``vitzoo.zoo.index``)."""
         import datasets
 
-        return datasets.Dataset.from_pandas(self.index, preserve_index=False)
+        return datasets.Dataset.from_pandas(arrow_ready(self.index)[0], preserve_index=False)
 
     # ------------------------------------------------------------------ weight space (vitzoo.zoo.weights)
     def _reader_for(self, states: Any) -> tuple[Zoo, Any]:
@@ -277,6 +368,14 @@ class Zoo:
         """Per-tensor mean, var and percentiles of each state (zoos.md §4) as a DataFrame."""
         zoo, states = self._reader_for(states)
         return weights.layer_stats(zoo, states, percentiles=percentiles, layers=layers, long=long)
+
+
+def _is_list_column(col: pd.Series) -> bool:
+    """Whether an index column holds lists (``read_index`` gives Python lists for list columns)."""
+    if col.dtype != object:
+        return False
+    first = next((v for v in col if v is not None and not (isinstance(v, float) and v != v)), None)
+    return isinstance(first, list)
 
 
 def _read_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:

@@ -23,7 +23,9 @@ tensors round-trip exactly; integer buffers (``num_batches_tracked``) exactly be
 Batches refuse mixed architectures: states whose layouts (names, shapes, dtypes) differ cannot
 share a ``[n_states, n_params]`` tensor, and the error says which models differ and where.
 A batch reads each weight file once for all the states it holds (``checkpoints.safetensors`` holds
-many epochs of one model) and only the tensors asked for (safetensors reads lazily).
+many epochs of one model) and only the tensors asked for (safetensors reads lazily). Batches, layer
+statistics and preloaded datasets first fetch all their files at once through the reader's
+``download`` (for a Hub zoo: one parallel ``snapshot_download``, each file hashed once).
 
 Splits
 ------
@@ -309,6 +311,13 @@ def _layouts(zoo: ZooReader, rows: pd.DataFrame, layers: Layers, check_all: bool
     return next(iter(seen))
 
 
+def _prefetch(zoo: ZooReader, rows: pd.DataFrame) -> None:
+    """Fetch and verify every file of ``rows`` in one go where the reader can (``Zoo.download``)."""
+    download = getattr(zoo, "download", None)
+    if download is not None and len(rows) and rows["file"].nunique() > 1:
+        download(rows)
+
+
 def weights_batch(zoo: ZooReader, states: States = None, *, layers: Layers = None,
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, pd.DataFrame]:
     """``[n_states, n_params]`` flat weights of ``states`` (default: the zoo view) and their index rows.
@@ -318,6 +327,7 @@ def weights_batch(zoo: ZooReader, states: States = None, *, layers: Layers = Non
     states of different layouts (:class:`WeightSpaceError` naming the layouts and the models).
     """
     rows = _rows(zoo, states)
+    _prefetch(zoo, rows)
     lay: ParamLayout | None = None
     out = torch.empty(0)
     for file, grp in rows.groupby("file", sort=False):
@@ -463,6 +473,8 @@ class WeightDataset(Dataset):
             self.layout = ParamLayout((), (), ())
             self.weights = torch.zeros(0, 0) if preload else None
             return
+        if preload:
+            _prefetch(zoo, self.index)
         self.layout = _layouts(zoo, self.index, layers, check_all=preload)
         self.weights = weights_batch(zoo, self.index, layers=layers)[0] if preload else None
         if token_size is not None:
@@ -657,6 +669,7 @@ def layer_stats(zoo: ZooReader, states: States = None, *, percentiles: Sequence[
     and the statistics. Merge with ``zoo.index`` on ``(model_id, epoch)`` for targets.
     """
     rows = _rows(zoo, states)
+    _prefetch(zoo, rows)
     stat_names = ["mean", "var", *(f"p{q:g}" for q in percentiles)]
     records: list[list[Any]] = []
     col_order: dict[str, None] = {}
