@@ -24,7 +24,6 @@ KNOWN_PRIVATE_IMPORTS = {
 EPOCH_LOOP_MODULES = {
     "vitzoo/train/engine.py",
     "vitzoo/train/population.py",
-    "vitzoo/train/vit_population.py",
 }
 
 

@@ -68,13 +68,13 @@ halved and its members continue from their last epoch.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
 import random
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -89,9 +89,9 @@ from vitzoo.plan import RunSpec, canonical_json, population_key
 from vitzoo.train import functional_optim as fopt
 from vitzoo.train import population
 from vitzoo.train.build import amp_dtype, build_run, load_parent, make_optimizer
-from vitzoo.train.checkpoint import finish_run, restore
-from vitzoo.train.context import Built, RunContext, progress_bar
-from vitzoo.train.engine import train_run
+from vitzoo.train.checkpoint import restore
+from vitzoo.train.context import Built, RunContext
+from vitzoo.train.engine import Member, train_group, train_run
 from vitzoo.train.evaluate import eval_batches
 from vitzoo.train.objectives import CrossEntropy
 from vitzoo.train.population import _free_bytes, activation_bytes_per_sample, balanced_chunks
@@ -263,7 +263,9 @@ def _train_group(specs: list[RunSpec], ctx: RunContext) -> list[dict[str, Any]]:
             continue
         oom = False
         try:
-            infos.extend(_Population(chunk, ctx).train())
+            pop = _Population(chunk, ctx)
+            infos.extend(train_group(pop, ctx, f"population of {pop.P}"))
+            del pop
         except torch.OutOfMemoryError:
             if len(chunk) == 1:
                 raise
@@ -310,8 +312,8 @@ def _set_rng(state: tuple[Any, ...]) -> None:
 
 
 @dataclass
-class _Member:
-    """One run of a population: its writer, loader, optimizer bookkeeping and history."""
+class _Run:
+    """One run of a population: its loader, RNG state and optimizer bookkeeping (files: ``engine.Member``)."""
 
     spec: RunSpec
     writer: RunWriter
@@ -324,9 +326,6 @@ class _Member:
     """The ``param_groups`` of the run's real torch optimizer state dict (for the resume point)."""
     index_of: dict[str, int]
     """Parameter name → index in the torch optimizer state dict."""
-    history: list[dict[str, Any]] = field(default_factory=list)
-    last_good: tuple[int, dict[str, Tensor] | None] = (0, None)
-    elapsed0: float = 0.0
     loader: Any = None
     sampler: Any = None
     it: Any = None
@@ -380,10 +379,6 @@ def _optimizer_view(net: nn.Module, spec: RunSpec) -> tuple[torch.optim.Optimize
     return opt, info
 
 
-def _no_export() -> dict[str, Tensor]:
-    raise RuntimeError("a population member's state is exported by _Population.state_dict")
-
-
 def _cpu(t: Tensor) -> Tensor:
     return t.detach().to("cpu", copy=True)
 
@@ -404,8 +399,8 @@ class _Population:
         self.amp = amp_dtype(cfg.precision, self.device)
         if self.amp == torch.float16:
             raise _Unsupported("fp16")
-        self.t0 = time.time()
-        self.members: list[_Member] = []
+        self.runs: list[_Run] = []
+        self.members: list[Member] = []
         nets: list[nn.Module] = []
         self.opt_info: dict[str, Any] | None = None
         restored_epochs: list[int] = []
@@ -418,32 +413,35 @@ class _Population:
             net = built.net
             opt, info = _optimizer_view(net, spec)
             self._check_compatible(info)
-            m = _Member(spec, writer, built, lr0=info["lr0"], wd=info["wd"], momentum=info["momentum"],
-                        clip=spec.config.optimizer.grad_clip or None,
-                        param_groups=opt.state_dict()["param_groups"], index_of=info["index_of"])
-            epoch = 0
+            r = _Run(spec, writer, built, lr0=info["lr0"], wd=info["wd"], momentum=info["momentum"],
+                     clip=spec.config.optimizer.grad_clip or None,
+                     param_groups=opt.state_dict()["param_groups"], index_of=info["index_of"])
+            m = Member(spec, writer, built, self.data.name)
             if not dry:
                 restored = restore(ctx, writer, spec, net, opt)  # the loop's own resume (weights + optimizer)
                 if restored is not None:
-                    epoch, m.history, m.elapsed0 = restored
-                    m.last_good = (epoch, None)
-            restored_epochs.append(epoch)
+                    m.start, m.history, m.elapsed = restored
+                    m.fresh = False
+            restored_epochs.append(m.start)
             names = {id(p): n for n, p in net.named_parameters()}
             opt_states.append({names[id(p)]: st for p, st in opt.state.items()})
+            self.runs.append(r)
             self.members.append(m)
             nets.append(net)
         if len(set(restored_epochs)) != 1:
             raise _Unsupported(f"members resume at different epochs {sorted(set(restored_epochs))}")
-        self.start_epoch = restored_epochs[0]
         self.P = len(self.members)
-        self.pp = self.members[0].built.pp
+        self.precision = str(self.amp or "float32")
+        self.pp = self.runs[0].built.pp
         self.in_shape = (self.pp.channels, self.pp.img_size, self.pp.img_size)
         self._stack(nets, opt_states)
-        for m in self.members:  # keep the metadata finish_run needs, not P host copies of the network
-            b = m.built
-            m.built = Built(self.template, _no_export, b.arch, b.model_args, b.num_classes, b.num_features, b.pp,
-                            b.label_names, b.head, b.head_hidden)
+        for r, m in zip(self.runs, self.members, strict=True):  # the metadata finish_run needs, not P networks
+            b = r.built  # (finish_run counts the exported parameters: the template's state has their shapes)
+            r.built = m.built = Built(self.template, self.template.state_dict, b.arch, b.model_args, b.num_classes,
+                                      b.num_features, b.pp, b.label_names, b.head, b.head_hidden)
         del nets, opt_states
+        if not dry:
+            self._loaders()
 
     # ------------------------------------------------------------ building
     def _check_compatible(self, info: dict[str, Any]) -> None:
@@ -504,7 +502,7 @@ class _Population:
                 self.restored_steps.add(0)
         self.step_count = 0
         f64 = dict(dtype=torch.float64, device=dev)
-        ms = self.members
+        ms = self.runs
         self.lr0 = torch.tensor([m.lr0 for m in ms], **f64)
         self.wd64 = torch.tensor([m.wd for m in ms], **f64)
         self.wd32 = self.wd64.float()
@@ -556,7 +554,7 @@ class _Population:
         return t.forward_head(t.forward_features(x), pre_logits=True)
 
     # ------------------------------------------------------------ one step
-    def step(self, xs: Tensor, ys: Tensor, factor: float, where: Tensor | None = None) -> None:
+    def _update(self, xs: Tensor, ys: Tensor, factor: float, where: Tensor | None = None) -> None:
         """One optimizer step of every member on its own batch (no host sync).
 
         ``xs[i], ys[i]`` is member i's batch; for linear probes ``xs`` may hold only the distinct batches,
@@ -638,7 +636,7 @@ class _Population:
 
     def optimizer_state(self, i: int, lr: float, snap: dict[str, Tensor]) -> dict[str, Any]:
         """Member ``i``'s ``torch.optim`` state dict (the loop's resume format)."""
-        m = self.members[i]
+        m = self.runs[i]
         groups = [{**g, "lr": lr} for g in m.param_groups]
         state: dict[int, dict[str, Any]] = {}
         if self.step_count > 0:
@@ -654,143 +652,79 @@ class _Population:
                     state[m.index_of[n]] = st
         return {"state": state, "param_groups": groups}
 
-    def keep(self, idx: list[int]) -> None:
-        """Drop every member not in ``idx`` (finished or diverged): the buffers shrink to the survivors."""
-        if len(idx) == self.P:
-            return
-        sel = torch.tensor(idx, dtype=torch.long, device=self.device)
-        self.members = [self.members[i] for i in idx]
-        self.P = len(idx)
-        self.flat = self.flat[sel].contiguous()
-        for n, (off, k, shape) in self.slots.items():
-            self.params[n] = self.flat[:, off:off + k].view(self.P, *shape)
-        self.state = {k: v[sel].contiguous() for k, v in self.state.items()}
-        for name in ("lr0", "wd64", "wd32", "mom", "alive", "total"):
-            setattr(self, name, getattr(self, name)[sel])
-        if self.clip is not None:
-            self.clip, self.has_clip = self.clip[sel], self.has_clip[sel]
-
-    # ------------------------------------------------------------ training
-    def train(self) -> list[dict[str, Any]]:
-        """Train every member to its last epoch (or divergence); returns their run.json contents."""
-        ctx, cfg, dev = self.ctx, self.cfg, self.device
-        ms = self.members
-        for m in ms:
-            m.loader, m.sampler = _loader(ctx, cfg, self.pp, m.spec)
-            m.plain = isinstance(m.loader.dataset, torch.utils.data.TensorDataset)
-        steps_per_epoch = len(ms[0].loader)
-        if steps_per_epoch == 0:
-            raise ValueError(f"{ms[0].spec.run_id}: the training split is empty")
-        self.step_count = self.start_epoch * steps_per_epoch  # one optimizer step per batch, as in the loop
+    # ------------------------------------------------------------ the engine's Members interface
+    def _loaders(self) -> None:
+        ctx, cfg = self.ctx, self.cfg
+        for r in self.runs:
+            r.loader, r.sampler = _loader(ctx, cfg, self.pp, r.spec)
+            r.plain = isinstance(r.loader.dataset, torch.utils.data.TensorDataset)
+        self.steps = len(self.runs[0].loader)
+        if self.steps == 0:
+            raise ValueError(f"{self.runs[0].spec.run_id}: the training split is empty")
+        start = self.members[0].start
+        self.step_count = start * self.steps  # one optimizer step per batch, as for a run alone
         if self.restored_steps - {self.step_count}:
             raise _Unsupported(f"restored optimizer steps {sorted(self.restored_steps)} != {self.step_count}")
-        lr_at = lr_schedule(cfg, steps_per_epoch)
-        saved = set(cfg.saved_epochs())
-        p0 = self.P
-        self.total = torch.zeros(self.P, dtype=torch.float32, device=dev)
+        self.lr_at = lr_schedule(cfg, self.steps)
+        self.epoch = start
+        self._snap: dict[str, Tensor] | None = None
+
+    def rng_scope(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()  # each member's loader RNG is seeded per epoch and parked (_Run)
+
+    def epoch0(self, idx: list[int]) -> list[tuple[dict[str, Any], dict[str, Tensor]]]:
+        metrics = self.evaluate()
+        self._snap = self.snapshot()
+        return [(metrics[i], self.state_dict(i, self._snap)) for i in idx]
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for r in self.runs:
+            r.start_epoch(epoch)
+        self.total = torch.zeros(self.P, dtype=torch.float32, device=self.device)
         self.seen = 0
-        infos: list[dict[str, Any]] = []
-        if self.start_epoch == 0 and not ms[0].history:  # epoch 0: the initialisation, evaluated and saved
-            metrics = self.evaluate()
-            snap = self.snapshot()
-            for i, m in enumerate(ms):
-                m.history = [{"epoch": 0, **metrics[i], "lr": 0.0, "objective_loss": None}]
-                state = self.state_dict(i, snap)
-                m.writer.save_epoch(0, state)
-                m.writer.save_history(m.history)
-                m.writer.save_resume(0, state, self.optimizer_state(i, m.lr0, snap),
-                                     {"elapsed_s": self._elapsed(m, p0)})
-                m.last_good = (0, None)
-        snap = self.snapshot()
-        for i, m in enumerate(ms):
-            if m.last_good[0] not in saved:  # resumed after an unsaved epoch: keep that state in memory
-                m.last_good = (m.last_good[0], self.state_dict(i, snap))
-        del snap
-        bar = progress_bar(ctx, cfg.epochs * steps_per_epoch, f"population of {self.P}",
-                           self.start_epoch * steps_per_epoch)
-        for epoch in range(self.start_epoch + 1, cfg.epochs + 1):
-            ms = self.members
-            for m in ms:
-                m.start_epoch(epoch)
-            self.total.zero_()
-            self.seen = 0
-            # Linear probes compute the frozen features once per distinct batch: cached-tensor loaders with
-            # the same data seed serve the same batches; augmented ones are distinct per member.
-            first, where = list(range(len(ms))), None
-            if self.mode == "linear":
-                keys = [("d", m.spec.data_seed) if m.plain else ("m", i) for i, m in enumerate(ms)]
-                distinct = list(dict.fromkeys(keys))
-                first = [keys.index(k) for k in distinct]
-                if len(first) < len(ms):
-                    where = torch.tensor([distinct.index(k) for k in keys], dtype=torch.long, device=dev)
-            for s in range(steps_per_epoch):
-                step = (epoch - 1) * steps_per_epoch + s
-                batches = [m.next_batch() for m in ms]  # every member's loader advances, as when trained alone
-                xs = torch.stack([batches[i][0] for i in first]).to(dev, non_blocking=True)
-                ys = torch.stack([b[1] for b in batches]).to(dev, non_blocking=True)
-                self.step(xs, ys, lr_at(step), where)
-                if bar is not None:
-                    bar.update(1)
-            last_lr_factor = lr_at(epoch * steps_per_epoch - 1)
-            infos.extend(self._end_epoch(epoch, saved, last_lr_factor, p0))
-            if not self.members:
-                break
-            if ctx.stop_after_epoch is not None and epoch >= ctx.stop_after_epoch:
-                raise KeyboardInterrupt(f"stop_after_epoch={ctx.stop_after_epoch}")
-        if bar is not None:
-            bar.close()
-        return infos
+        # Linear probes compute the frozen features once per distinct batch: cached-tensor loaders with the
+        # same data seed serve the same batches; augmented ones are distinct per member.
+        self.first, self.where = list(range(self.P)), None
+        if self.mode == "linear":
+            keys = [("d", r.spec.data_seed) if r.plain else ("m", i) for i, r in enumerate(self.runs)]
+            distinct = list(dict.fromkeys(keys))
+            self.first = [keys.index(k) for k in distinct]
+            if len(self.first) < self.P:
+                self.where = torch.tensor([distinct.index(k) for k in keys], dtype=torch.long, device=self.device)
 
-    def _elapsed(self, m: _Member, p0: int) -> float:
-        """A member's training time: its share of the population's time (plus what it had before resuming)."""
-        return m.elapsed0 + (time.time() - self.t0) / p0
+    def step(self, i: int, lr_factor: float) -> None:
+        batches = [r.next_batch() for r in self.runs]  # every member's loader advances, as when trained alone
+        xs = torch.stack([batches[j][0] for j in self.first]).to(self.device, non_blocking=True)
+        ys = torch.stack([b[1] for b in batches]).to(self.device, non_blocking=True)
+        self._update(xs, ys, lr_factor, self.where)
 
-    def _end_epoch(self, epoch: int, saved: set[int], lr_factor: float, p0: int) -> list[dict[str, Any]]:
-        """Divergence checks, evaluation and the loop's end-of-epoch bookkeeping for every member."""
+    def end_epoch(self) -> list[tuple[bool, float]]:
         objective = [v / max(1, self.seen) for v in self.total.tolist()]  # one host sync per epoch
-        infos: list[dict[str, Any]] = []
-        good = [i for i, v in enumerate(objective) if math.isfinite(v)]
-        infos += self._finish([i for i in range(self.P) if i not in good], "diverged", epoch, p0)
-        objective = [objective[i] for i in good]
-        self.keep(good)
-        metrics = self.evaluate() if self.P else []
-        bad = [i for i, met in enumerate(metrics)
-               if any(isinstance(v, float) and not math.isfinite(v) for k, v in met.items() if k.endswith("loss"))]
-        infos += self._finish(bad, "diverged", epoch, p0)
-        ok = [i for i in range(self.P) if i not in bad]
-        final = epoch == self.cfg.epochs
-        snap = self.snapshot()
-        for i in ok:
-            m = self.members[i]
-            lr = m.lr0 * lr_factor
-            m.history.append({"epoch": epoch, **metrics[i], "lr": lr, "objective_loss": objective[i]})
-            state = self.state_dict(i, snap)
-            if epoch in saved:
-                m.writer.save_epoch(epoch, state)
-            m.writer.save_history(m.history)
-            if not final:  # the last epoch goes straight to finish_run (which drops the scratch)
-                m.writer.save_resume(epoch, state, self.optimizer_state(i, lr, snap),
-                                     {"elapsed_s": self._elapsed(m, p0)})
-            m.last_good = (epoch, None if epoch in saved else state)
-        self.keep(ok)
-        if final:
-            infos += self._finish(list(range(self.P)), "done", epoch, p0)
-            self.keep([])
-        return infos
+        return [(math.isfinite(v), v) for v in objective]
 
-    def _finish(self, idx: list[int], status: str, epoch: int, p0: int) -> list[dict[str, Any]]:
-        infos = []
-        for i in idx:
-            m = self.members[i]
-            if status == "diverged":
-                self.ctx.log(f"{m.spec.run_id}: diverged in epoch {epoch}; keeping epoch {m.last_good[0]}")
-            b = m.built  # finish_run counts the exported parameters: the template's state has their shapes
-            built = Built(self.template, self.template.state_dict, b.arch, b.model_args, b.num_classes,
-                          b.num_features, b.pp, b.label_names, b.head, b.head_hidden)
-            infos.append(finish_run(m.spec, self.ctx, m.writer, built, dataset=self.data.name,
-                                    last_good=m.last_good, status=status, wall_s=self._elapsed(m, p0),
-                                    precision=str(self.amp or "float32")))
-        return infos
+    def states(self) -> list[dict[str, Tensor]]:
+        self._snap = self.snapshot()
+        return [self.state_dict(i, self._snap) for i in range(self.P)]
+
+    def columns(self, j: int, state: dict[str, Tensor], epoch0: bool = False) -> dict[str, Any]:
+        return {}
+
+    def lr(self, j: int) -> float:
+        return self.runs[j].lr0 * self.lr_at(self.epoch * self.steps - 1)
+
+    def save_resume(self, j: int, epoch: int, elapsed_s: float) -> None:
+        """The per-run resume point (weights + a torch optimizer state dict), shared with runs trained alone."""
+        assert self._snap is not None
+        lr = self.runs[j].lr0 if epoch == 0 else self.lr(j)
+        self.members[j].writer.save_resume(epoch, self.state_dict(j, self._snap),
+                                           self.optimizer_state(j, lr, self._snap), {"elapsed_s": elapsed_s})
+
+    def keep(self, idx: list[int]) -> None:
+        """Members not in ``idx`` (diverged) are frozen: zero steps; the stack keeps its shape."""
+        mask = torch.zeros(self.P, dtype=torch.bool, device=self.device)
+        mask[idx] = True
+        self.alive &= mask
 
 
 def _loader(ctx: RunContext, cfg: Any, pp: Any, spec: RunSpec) -> tuple[Any, Any]:
