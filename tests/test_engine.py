@@ -5,11 +5,13 @@
   the engine's run of the same spec must save the same weights (float tolerance) and report the same
   metrics. This keeps the engine compared with something that is not the engine.
 - A CNN run that falls back to the per-run engine (here: forced) gets the data order, last batch and
-  history schema of its vectorised siblings: the same model trained both ways agrees to float tolerance.
+  history schema of its vectorised siblings: the same model trained both ways agrees to float tolerance,
+  for Adam, AdamW and Nesterov SGD.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -27,6 +29,7 @@ from vitzoo.recipe import load_recipe
 from vitzoo.train.context import RunContext
 from vitzoo.train.engine import train_run
 from vitzoo.train.generate import generate
+from vitzoo.train.population_adapter import unsupported
 from vitzoo.zoo.index import write_index
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,8 +46,10 @@ RECIPE = {
 }
 
 
-def _spec(tmp_path: Path):
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(RECIPE))
+def _spec(tmp_path: Path, optimizer: str = "adam"):
+    recipe = copy.deepcopy(RECIPE)
+    recipe["stages"]["train"]["optimizer"]["name"] = optimizer
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     recipe = load_recipe(tmp_path / "r.yaml")
     return tmp_path / "r.yaml", expand(recipe).runs[0]
 
@@ -99,8 +104,12 @@ def test_engine_equals_a_textbook_loop(tmp_path: Path) -> None:
         assert got["lr"] == pytest.approx(3e-3)
 
 
-def test_a_fallback_run_trains_like_its_vectorised_siblings(tmp_path: Path, monkeypatch) -> None:
-    path, spec = _spec(tmp_path)
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "nesterov"])
+def test_a_fallback_run_trains_like_its_vectorised_siblings(tmp_path: Path, monkeypatch, optimizer: str) -> None:
+    """A run alone (timm's optimizer) and the same run in a vmap stack (the functional update): AdamW and
+    Nesterov vectorise for CNNs too."""
+    path, spec = _spec(tmp_path, optimizer)
+    assert not unsupported(spec), "population-trained"
     monkeypatch.setenv("VITZOO_POPULATION", "on")  # the stacked (vmap) engine, even for one model
     generate(path, tmp_path / "stacked", progress=False, log=lambda m: None)
     ctx = RunContext(zoo_root=tmp_path / "alone", device=torch.device("cpu"), progress=False, log=lambda m: None)

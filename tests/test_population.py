@@ -53,6 +53,24 @@ MEMBERS = [
 ]
 
 
+def test_adamw_and_nesterov_populations_equal_torch(digits: Any) -> None:
+    """AdamW (decoupled decay) and Nesterov SGD vectorise for CNNs as for ViT fine-tunes and twins."""
+    tx, ty, vx, vy = digits
+    members = [PopulationMember(5, 5, "adamw", 3e-3, 0.05, activation="tanh", init="KU"),
+               PopulationMember(6, 2, "adamw", 1e-3, 0.01, activation="tanh", init="KU", grad_clip=0.2),
+               PopulationMember(7, 4, "nesterov", 2e-2, 1e-3, 0.9, activation="tanh", init="KU")]
+    pop: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    ref: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    args = ("cnn-s", 1, 10, members, tx, ty, {"val": (vx, vy)}, 2, 10, "cpu")
+    train_population(*args, _collect(pop), mode="population")
+    train_one_by_one(*args, _collect(ref))
+    assert set(pop) == set(ref)
+    for key in ref:
+        for name, w in ref[key].items():
+            torch.testing.assert_close(pop[key][name], w, rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
+    assert not torch.equal(pop[(0, 2)]["module_list.0.weight"], pop[(0, 0)]["module_list.0.weight"])
+
+
 @pytest.mark.parametrize("schedule", ["constant", "onecycle"])
 def test_population_equals_one_by_one(digits: Any, schedule: str) -> None:
     tx, ty, vx, vy = digits

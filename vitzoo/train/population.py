@@ -32,8 +32,9 @@ Semantics, shared exactly by the vectorised engine and the reference loop (:func
   the last one kept or dropped by :func:`vitzoo.train.seeds.drop_last` (the rule of every path).
 - Loss: ``F.cross_entropy`` (= log_softmax + NLL, mean over the batch).
 - Optimizers: ``adam`` matches ``torch.optim.Adam`` (coupled, L2-style ``weight_decay`` added to the
-  gradient) and ``sgd`` matches ``torch.optim.SGD(momentum=..., dampening=0, nesterov=False)``,
-  op for op (single-tensor implementation), with per-model lr / weight decay / momentum, and
+  gradient), ``adamw`` ``torch.optim.AdamW`` (decoupled decay), ``sgd`` and ``nesterov``
+  ``torch.optim.SGD(momentum=..., dampening=0, nesterov=False/True)``, every parameter decayed (the
+  classic zoos' rule), op for op (single-tensor implementation), with per-model lr / weight decay / momentum, and
   optional per-model global-norm gradient clipping (``clip_grad_norm_`` semantics).
 - Schedule: a per-step multiplier of each model's lr (``constant``, ``cosine``, ``onecycle`` as
   ``torch.optim.lr_scheduler.OneCycleLR``'s lr curve with its defaults, momentum not cycled), or any
@@ -132,6 +133,10 @@ MIN_POPULATION = {"cpu": 16, "cuda": 2}
 CPU_MAX_POPULATION = 64
 
 
+#: Update rules the vectorised engine reproduces (the recipe names of vitzoo.presets.OPTIMIZERS).
+OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
+
+
 @dataclass(frozen=True)
 class PopulationMember:
     """One model of a population: its seeds, optimizer hyperparameters and architecture options."""
@@ -139,7 +144,7 @@ class PopulationMember:
     init_seed: int
     data_seed: int
     optimizer: str = "adam"
-    """``adam`` or ``sgd`` (momentum SGD)."""
+    """``adam``, ``adamw``, ``sgd`` (momentum SGD) or ``nesterov``."""
     lr: float = 1e-3
     """Peak learning rate (the schedule multiplies it)."""
     weight_decay: float = 0.0
@@ -156,8 +161,8 @@ class PopulationMember:
     """Unique key of the model in resume snapshots (``checkpoint_dir``); the caller's run id."""
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd'; got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.lr <= 0 or self.weight_decay < 0 or self.momentum < 0:
             raise ValueError(f"invalid hyperparameters: lr={self.lr}, wd={self.weight_decay}, momentum={self.momentum}")
 
@@ -317,7 +322,7 @@ class _Population:
             self.clip = torch.tensor([m.grad_clip if m.grad_clip is not None else math.inf for m in members], **f32)
         self.betas, self.eps = m0.betas, m0.eps
         self.state: dict[str, Tensor] = {}
-        if self.optimizer == "adam":
+        if self.optimizer in ("adam", "adamw"):
             self.state["exp_avg"] = torch.zeros_like(self.flat)
             self.state["exp_avg_sq"] = torch.zeros_like(self.flat)
         else:
@@ -400,13 +405,15 @@ class _Population:
         t = self.step_count
         p = self.flat
         with torch.no_grad():
-            if self.any_wd:  # torch: grad = grad.add(param, alpha=weight_decay)
+            if self.any_wd and self.optimizer == "adamw":  # torch.optim.AdamW: param.mul_(1 - lr * wd) first
+                fopt.decay_(p, lr, self.wd)
+            elif self.any_wd:  # torch: grad = grad.add(param, alpha=weight_decay)
                 g = g + self.wd[:, None] * p
             g = torch.where(ok[:, None], g, torch.zeros((), dtype=g.dtype, device=g.device))
-            if self.optimizer == "adam":  # torch.optim.Adam, single-tensor path, op for op
+            if self.optimizer in ("adam", "adamw"):  # torch.optim.Adam(W), single-tensor path, op for op
                 fopt.adam_(p, g, self.state["exp_avg"], self.state["exp_avg_sq"], lr, t, self.betas, self.eps)
-            else:  # torch.optim.SGD(momentum, dampening=0, nesterov=False)
-                fopt.sgd_(p, g, self.state["momentum_buffer"], lr, self.mom)
+            else:  # torch.optim.SGD(momentum, dampening=0, nesterov)
+                fopt.sgd_(p, g, self.state["momentum_buffer"], lr, self.mom, self.optimizer == "nesterov")
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
@@ -545,11 +552,11 @@ def _probe(pop: _Population, train_x: Tensor, train_y: Tensor, batch_size: int, 
 
 
 def _make_optimizer(model: nn.Module, m: PopulationMember) -> torch.optim.Optimizer:
-    if m.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=m.lr, betas=m.betas, eps=m.eps,
-                                weight_decay=m.weight_decay, foreach=False)
+    if m.optimizer in ("adam", "adamw"):
+        cls = torch.optim.AdamW if m.optimizer == "adamw" else torch.optim.Adam
+        return cls(model.parameters(), lr=m.lr, betas=m.betas, eps=m.eps, weight_decay=m.weight_decay, foreach=False)
     return torch.optim.SGD(model.parameters(), lr=m.lr, momentum=m.momentum, weight_decay=m.weight_decay,
-                           foreach=False)
+                           nesterov=m.optimizer == "nesterov", foreach=False)
 
 
 @torch.no_grad()

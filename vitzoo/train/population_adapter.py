@@ -25,7 +25,7 @@ from vitzoo.train.population import CropFlip, PopulationMember
 from vitzoo.train.schedule import lr_schedule
 
 #: Optimizer names of the recipes the engine implements, and its name for them.
-OPTIMIZERS = {"adam": "adam", "sgd": "sgd"}
+OPTIMIZERS = {"adam": "adam", "adamw": "adamw", "sgd": "sgd", "nesterov": "nesterov"}
 
 ARCHS = ("cnn-s", "cnn-m", "resnet18")
 
