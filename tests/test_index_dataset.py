@@ -273,8 +273,6 @@ def test_write_index_round_trip(make_zoo):
             assert back[col].tolist() == df[col].tolist(), (version, col)
 
 
-@pytest.mark.xfail(strict=True, reason="the zoo card renders zoo.json's index_dataset only with the cards.py/"
-                   "zoo_card.md change proposed with this feature (remove this marker with it)")
 def test_zoo_card_links_the_index_dataset(hub, hf_cache, make_zoo):
     """Linked both ways: the zoo card (from zoo.json's index_dataset) links the dataset, whose card links the zoo."""
     zoo = make_zoo(n_models=1)

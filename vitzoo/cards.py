@@ -135,7 +135,9 @@ class ZooFacts:
     @classmethod
     def read(cls, zoo_dir: str | Path) -> ZooFacts:
         root = Path(zoo_dir)
-        index = pd.read_parquet(root / "index.parquet")
+        from vitzoo.zoo.index import read_index  # format 1 (JSON-string lists) and 2 (native lists) alike
+
+        index = read_index(root / "index.parquet")
         info = json.loads((root / "zoo.json").read_text()) if (root / "zoo.json").is_file() else {}
         return cls(root, index, info)
 
@@ -148,9 +150,11 @@ class ZooFacts:
         return self.index[self.index["final"].astype(bool)] if len(self.index) else self.index
 
     def grid(self) -> list[dict[str, str]]:
+        from vitzoo.zoo.index import as_list
+
         rows = []
         for stage, df in self.index.groupby("stage", sort=True):
-            factors = sorted({f for g in df.get("grid_factors", pd.Series(dtype=str)).dropna() for f in json.loads(g)})
+            factors = sorted({f for g in df.get("grid_factors", pd.Series(dtype=object)) for f in as_list(g)})
             for f in factors:
                 if f in df.columns:
                     uniq = list(df[f].dropna().unique())
@@ -329,9 +333,18 @@ def zoo_card(zoo_dir: str | Path, *, repo_id: str | None = None, revision: str |
         revision=revision or "main", example_model=example_model, snippets=snippets,
         description=facts.info.get("description") or "", n_models=n_models, status_note=status_note,
         n_states=len(idx), stages=stages, grid=grid, plots=plot_rows, provenance=prov, citation=cite,
-        example_filter=example,
+        example_filter=example, index_dataset=_index_dataset(facts.info),
     )
     return type(card)(_scrub(str(card)))
+
+
+def _index_dataset(info: dict[str, Any]) -> dict[str, Any] | None:
+    """zoo.json's ``index_dataset`` (written by ``vitzoo push --index-dataset``), for the zoo card's link."""
+    ds = info.get("index_dataset")
+    if not isinstance(ds, dict) or not ds.get("repo_id"):
+        return None
+    return {"repo_id": ds["repo_id"], "url": ds.get("url") or f"https://huggingface.co/datasets/{ds['repo_id']}",
+            "split": ds.get("split") or "train"}
 
 
 def _is_number(text: str) -> bool:
@@ -389,7 +402,9 @@ def model_card(zoo_dir: str | Path, model_id: str, *, repo_id: str | None = None
             evals.append(EvalResult(task_type="image-classification", dataset_type=str(src or "unknown"),
                                     dataset_name=str(src or "unknown"), dataset_split=split, metric_type="accuracy",
                                     metric_value=round(float(acc), 6)))
-    grid = json.loads(final["grid_factors"]) if isinstance(final.get("grid_factors"), str) else []
+    from vitzoo.zoo.index import as_list
+
+    grid = as_list(final.get("grid_factors"))
     shown = list(dict.fromkeys([*grid, *[c for c in KEY_COLUMNS if c in rows.columns]]))
     factors = [(c, _fmt(final.get(c))) for c in shown if c in rows.columns and _fmt(final.get(c)) != "-"]
     parent = final.get("parent_id")

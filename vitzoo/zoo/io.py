@@ -16,13 +16,12 @@ from typing import Any
 
 import safetensors.torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """The zoo format written (zoo.json ``format_version``, config.json ``vitzoo.format_version``, index.parquet).
 
-1: list-valued index columns are JSON strings. 2 (read already, see vitzoo.zoo.index; written by
-``index_bytes(df, 2)`` and by ``vitzoo push --index-dataset``): they are native parquet lists and
-index.parquet's key-value metadata records the format. Writing 2 for zoos waits for the card code to
-read the index through ``vitzoo.zoo.index.read_index`` (it still ``json.loads`` ``grid_factors``)."""
+1: list-valued index columns are JSON strings. 2: they are native parquet lists and index.parquet's
+key-value metadata records the format (vitzoo.zoo.index); everything else is as in 1, and format-1
+zoos still read (``vitzoo.zoo.index.read_index``)."""
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
