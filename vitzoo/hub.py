@@ -442,7 +442,7 @@ def push(
         if cards:
             from vitzoo.cards import render_zoo_cards
 
-            render_zoo_cards(root, repo_id=repo_id)
+            render_zoo_cards(root, repo_id=repo_id, revision=branch)  # the snippets load from this branch
         ignore = list(PUSH_IGNORE_PATTERNS) + [f"models/{m}/*" for m in
                                                 contents.unfinished_models + contents.unindexed_models]
         with _scrubbed(token, f"push to {repo_id}"):
