@@ -17,7 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # debt of issue 8; remove entries as the engine lands, never add
 KNOWN_PRIVATE_IMPORTS = {
-    ("vitzoo.train.sparsify_population", "vitzoo.train.population", "_eval_chunk"),
     ("vitzoo.train.vit_population", "vitzoo.train.population", "_free_bytes"),
 }
 # debt of issue 8; remove entries as the engine lands, never add (afterwards: {"vitzoo/train/engine.py"})

@@ -81,14 +81,15 @@ def _micro(tmp_path: Path, seeds: str, dropout: float, epochs: int = 3) -> Path:
 
 @pytest.mark.parametrize("seeds", ["1..16", "1..3"], ids=["vectorised", "one-by-one"])
 def test_interrupted_population_resumes_exactly(tmp_path: Path, seeds: str) -> None:
-    """A group stopped after epoch 1 continues from its snapshot: the zoo equals an uninterrupted one
-    file for file (dropout on: the group's RNG state is restored), and no finished model is retrained."""
+    """A group stopped after epoch 1 continues from its members' resume points: the zoo equals an
+    uninterrupted one file for file (dropout on: the stack's stream is seeded per epoch), and no finished
+    model is retrained."""
     recipe = _micro(tmp_path, seeds, dropout=0.2)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     generate(recipe, whole, progress=False, log=lambda m: None)
     with pytest.raises(KeyboardInterrupt):
         generate(recipe, cut, progress=False, log=lambda m: None, stop_after_epoch=1)
-    assert list((cut / ".partial" / "populations").glob("*.safetensors"))
+    assert list(cut.glob("models/*/.partial/resume.safetensors"))
     logs: list[str] = []
     generate(recipe, cut, progress=False, log=logs.append)
     assert any("resuming after epoch 1" in m for m in logs)
@@ -101,7 +102,7 @@ def test_interrupted_population_resumes_exactly(tmp_path: Path, seeds: str) -> N
         for e in a.epochs(mid):
             sa, sb = a.state_dict(mid, e), b.state_dict(mid, e)
             assert all(torch.equal(sa[k], sb[k]) for k in sa), f"{mid} epoch {e} differs after resume"
-    assert not list((cut / ".partial" / "populations").glob("*.safetensors")), "snapshots removed when done"
+    assert not list(cut.glob("models/*/.partial")), "scratch removed when done"
 
 
 def test_unreadable_member_scratch_restarts_that_model(tmp_path: Path) -> None:

@@ -33,6 +33,8 @@ def restore(ctx: RunContext, writer: RunWriter, spec: RunSpec, net: nn.Module,
     to start at epoch 0. Unreadable scratch (not fsync'd, so an OS crash can truncate it) resets the run."""
     try:
         resume = writer.load_resume()
+        if resume is not None:
+            writer.check_partial()  # every saved epoch and the history must be readable: finishing needs them
     except Exception as e:  # noqa: BLE001 - any unreadable scratch file: start the run again
         ctx.log(f"{spec.run_id}: unreadable partial state ({type(e).__name__}); restarting from epoch 0")
         writer.reset()
@@ -46,19 +48,21 @@ def restore(ctx: RunContext, writer: RunWriter, spec: RunSpec, net: nn.Module,
     return epoch, writer.history()[: epoch + 1], extra.get("elapsed_s", 0.0)
 
 
-def end_epoch(ctx: RunContext, writer: RunWriter, epoch: int, state: dict[str, torch.Tensor], saved: set[int],
-              history: list[dict[str, Any]], net: nn.Module, optimizer: torch.optim.Optimizer,
-              t_start: float) -> tuple[int, dict[str, torch.Tensor] | None]:
-    """Bookkeeping after a good epoch: the state is saved if it is a checkpoint epoch, else kept in memory
-    as the last good one (a later divergence falls back to it); then history and the resume point.
-    Returns ``(epoch, state not yet on disk or None)``, the argument ``finish_run`` takes as ``last_good``."""
-    if epoch in saved:
-        writer.save_epoch(epoch, state)
-    writer.save_history(history)
-    writer.save_resume(epoch, net.state_dict(), optimizer.state_dict(), {"elapsed_s": time.time() - t_start})
-    if ctx.stop_after_epoch is not None and epoch >= ctx.stop_after_epoch:
-        raise KeyboardInterrupt(f"stop_after_epoch={ctx.stop_after_epoch}")
-    return epoch, (None if epoch in saved else state)
+def resume_epoch(writer: RunWriter) -> int:
+    """The epoch a run would resume after without loading it (0: fresh, or scratch that :func:`restore`
+    would find unreadable and reset). Used to group runs that resume together."""
+    p = writer.partial / "resume.safetensors"
+    if not p.is_file():
+        return 0
+    try:
+        import safetensors
+
+        with safetensors.safe_open(str(p), "pt") as f:
+            epoch = int(f.metadata()["epoch"])
+        writer.check_partial()
+        return epoch
+    except Exception:  # noqa: BLE001 - the same checks as restore()
+        return 0
 
 
 def finish_run(spec: RunSpec, ctx: RunContext, writer: RunWriter, built: Built, *, dataset: str,

@@ -35,7 +35,7 @@ from vitzoo.train.build import amp_dtype, build_run, make_optimizer
 from vitzoo.train.checkpoint import finish_run, history_row, restore
 from vitzoo.train.context import Built, RunContext, progress_bar
 from vitzoo.train.evaluate import evaluate
-from vitzoo.train.feed import LoaderFeed, TensorFeed
+from vitzoo.train.feed import LoaderFeed, TensorFeed, device_augment
 from vitzoo.train.objectives import CrossEntropy, SimCLR
 from vitzoo.train.schedule import lr_schedule
 from vitzoo.train.seeds import seed_module_rngs
@@ -72,13 +72,20 @@ def build_module_run(spec: RunSpec, ctx: RunContext, *, noise: bool = True) -> M
     simclr = cfg.objective.name == "simclr"
     objective = (SimCLR(cfg.objective.temperature, ctx.device) if simclr
                  else CrossEntropy(cfg, data.num_classes, ctx.device))
-    loader, sampler = train_loader(ctx.cache, cfg.data, built.pp, cfg.aug, cfg.batch_size, spec.data_seed,
-                                   views=2 if simclr else 1, equal_batches=objective.equal_batches)
+    aug = device_augment(cfg, built.pp) if cfg.model is not None and not cfg.model.is_vit else False
+    if aug is not False and not simclr and ctx.cache.fits(cfg.data, "train", built.pp):
+        # Classic CNNs: the decoded split on the device, crop + flip there (as their stacked siblings)
+        x, y = ctx.cache.eval_tensors(cfg.data, "train", built.pp)
+        feed: Any = TensorFeed(x.to(ctx.device), y.to(ctx.device), spec.data_seed, cfg.batch_size,
+                               objective.equal_batches, aug or None)
+    else:
+        feed = LoaderFeed(*train_loader(ctx.cache, cfg.data, built.pp, cfg.aug, cfg.batch_size, spec.data_seed,
+                                        views=2 if simclr else 1, equal_batches=objective.equal_batches))
 
     def run_evaluate() -> dict[str, Any]:
         return evaluate(net, ctx, cfg, built.pp, simclr)
 
-    return ModuleRun(spec, built, make_optimizer(net, cfg), objective, LoaderFeed(loader, sampler), run_evaluate,
+    return ModuleRun(spec, built, make_optimizer(net, cfg), objective, feed, run_evaluate,
                      lambda: (run_evaluate(), built.export()), data.name, amp_dtype(cfg.precision, ctx.device))
 
 

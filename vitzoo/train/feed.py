@@ -11,12 +11,16 @@ objective reads (``(x, y)``, SimCLR's ``((v1, v2), y, index)``): feeds do not in
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from vitzoo.train.seeds import epoch_order, steps_per_epoch
+from vitzoo.data.pipeline import Preprocessing
+from vitzoo.recipe import StageConfig
+from vitzoo.train.seeds import augment_generator, epoch_order, steps_per_epoch
 
 
 class LoaderFeed:
@@ -33,13 +37,70 @@ class LoaderFeed:
 
 
 class TensorFeed:
-    """Batches sliced from training tensors on the device."""
+    """Batches sliced from training tensors on the device, optionally cropped and flipped there."""
 
-    def __init__(self, x: Tensor, y: Tensor, data_seed: int, batch_size: int, equal_batches: bool = False):
-        self.x, self.y, self.data_seed, self.batch_size = x, y, data_seed, batch_size
+    def __init__(self, x: Tensor, y: Tensor, data_seed: int, batch_size: int, equal_batches: bool = False,
+                 augment: CropFlip | None = None):
+        self.x, self.y, self.data_seed, self.batch_size, self.augment = x, y, data_seed, batch_size, augment
         self.steps = steps_per_epoch(len(y), batch_size, equal_batches)
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         order = epoch_order(self.data_seed, epoch, len(self.y)).to(self.x.device)
+        gen = augment_generator(self.data_seed, epoch, self.x.device) if self.augment else None
         b = self.batch_size
-        return ((self.x[idx], self.y[idx]) for idx in (order[i * b:(i + 1) * b] for i in range(self.steps)))
+        for i in range(self.steps):
+            idx = order[i * b:(i + 1) * b]
+            x = self.x[idx]
+            if self.augment is not None:
+                assert gen is not None
+                x = crop_flip(x, gen, self.augment.pad, self.augment.flip, self.augment.fill)
+            yield x, self.y[idx]
+
+
+@dataclass(frozen=True)
+class CropFlip:
+    """Device-side training augmentation of the CIFAR recipe (applied by :func:`crop_flip`)."""
+
+    pad: int = 4
+    """Random crop of the original size after padding every side by ``pad`` pixels (0 = no crop)."""
+    flip: bool = True
+    """Horizontal flip with probability 0.5."""
+    fill: tuple[float, ...] = (0.0,)
+    """Padding value per channel, in the (normalised) input space: the value of a black pixel,
+    ``-mean / std``, reproduces ``RandomCrop(padding=pad, fill=0)`` applied before normalisation."""
+
+
+def crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True,
+              fill: Sequence[float] = (0.0,)) -> Tensor:
+    """Random crop (padding ``pad`` filled with ``fill`` per channel) + horizontal flip per sample, on
+    x's device, no host sync. The generator draws the offsets then the flips, whatever is switched off."""
+    b, c, h, w = x.shape
+    dev = x.device
+    xp = x.new_empty(b, c, h + 2 * pad, w + 2 * pad)
+    xp[:] = torch.as_tensor(fill, dtype=x.dtype, device=dev).expand(c).view(1, c, 1, 1)
+    xp[:, :, pad:pad + h, pad:pad + w] = x
+    off = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator, device=generator.device).to(dev)
+    flip_draw = torch.rand(b, generator=generator, device=generator.device).to(dev)
+    flip = flip_draw < (0.5 if flip else 0.0)
+    rows = off[:, 0:1] + torch.arange(h, device=dev)  # (b, h)
+    cols = off[:, 1:2] + torch.arange(w, device=dev)  # (b, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    bi = torch.arange(b, device=dev)[:, None, None]
+    out = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (b, h, w, c)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def device_augment(cfg: StageConfig, pp: Preprocessing) -> CropFlip | None | bool:
+    """The run's training augmentation as on-device tensor ops: a :class:`CropFlip`, None (no
+    augmentation), or False when it needs per-image transforms (RandAugment, mixup, erasing, resized
+    crops, smoothing: a :class:`LoaderFeed`). The CIFAR recipe's ``RandomCrop(padding, fill=black)`` +
+    flip becomes a crop of the normalised tensors padded with each channel's black value."""
+    a = cfg.aug
+    if a.rand_augment or a.mixup or a.cutmix or a.re_prob or a.scale is not None:
+        return False
+    if (a.hflip or 0) not in (0.0, 0.5) or (cfg.data.crop_pct != 1.0 and (a.crop_padding or a.hflip)):
+        return False
+    if not (a.crop_padding or a.hflip):
+        return None
+    return CropFlip(pad=a.crop_padding or 0, flip=bool(a.hflip),
+                    fill=tuple(-m / s for m, s in zip(pp.mean, pp.std, strict=True)))

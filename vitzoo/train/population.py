@@ -94,6 +94,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from vitzoo.models.cnn import build_cnn
 from vitzoo.train import functional_optim as fopt
+from vitzoo.train.feed import CropFlip, crop_flip
 from vitzoo.train.population_state import Snapshot, SnapshotStore, rng_state, set_rng_state
 from vitzoo.train.schedule import lr_factor
 from vitzoo.train.seeds import augment_generator, epoch_order, mix, steps_per_epoch
@@ -178,39 +179,6 @@ def step_factor(schedule: Schedule, step: int, total: int) -> float:
     return lr_factor(schedule, step, total)
 
 
-@dataclass(frozen=True)
-class CropFlip:
-    """Device-side training augmentation of the CIFAR recipe (applied by :func:`crop_flip`)."""
-
-    pad: int = 4
-    """Random crop of the original size after padding every side by ``pad`` pixels (0 = no crop)."""
-    flip: bool = True
-    """Horizontal flip with probability 0.5."""
-    fill: tuple[float, ...] = (0.0,)
-    """Padding value per channel, in the (normalised) input space: the value of a black pixel,
-    ``-mean / std``, reproduces ``RandomCrop(padding=pad, fill=0)`` applied before normalisation."""
-
-
-def crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True,
-              fill: Sequence[float] = (0.0,)) -> Tensor:
-    """Random crop (padding ``pad`` filled with ``fill`` per channel) + horizontal flip per sample, on
-    x's device, no host sync. The generator draws the offsets then the flips, whatever is switched off."""
-    b, c, h, w = x.shape
-    dev = x.device
-    xp = x.new_empty(b, c, h + 2 * pad, w + 2 * pad)
-    xp[:] = torch.as_tensor(fill, dtype=x.dtype, device=dev).expand(c).view(1, c, 1, 1)
-    xp[:, :, pad:pad + h, pad:pad + w] = x
-    off = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator, device=generator.device).to(dev)
-    flip_draw = torch.rand(b, generator=generator, device=generator.device).to(dev)
-    flip = flip_draw < (0.5 if flip else 0.0)
-    rows = off[:, 0:1] + torch.arange(h, device=dev)  # (b, h)
-    cols = off[:, 1:2] + torch.arange(w, device=dev)  # (b, w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    bi = torch.arange(b, device=dev)[:, None, None]
-    out = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (b, h, w, c)
-    return out.permute(0, 3, 1, 2).contiguous()
-
-
 def _group_key(m: PopulationMember) -> tuple[Any, ...]:
     """Members that can share one vectorised forward and update rule."""
     return (m.activation, m.dropout, m.optimizer, m.betas, m.eps)
@@ -222,7 +190,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def _eval_chunk(n_models: int, act_bytes_per_sample: int, budget_bytes: int, cap: int = 4096) -> int:
+def eval_chunk(n_models: int, act_bytes_per_sample: int, budget_bytes: int, cap: int = 4096) -> int:
     return max(1, min(cap, budget_bytes // max(1, n_models * act_bytes_per_sample)))
 
 
@@ -282,8 +250,9 @@ def _metrics_template(index: int, epoch: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- vectorised engine
 
 
-class _Population:
-    """P models of one architecture as one flat (P, n_params) buffer + functional optimizer updates."""
+class CnnPopulation:
+    """P classic CNNs of one architecture as one flat (P, n_params) buffer + functional optimizer updates
+    (stacked batchnorm buffers; a vmap-ed forward/backward; the step, evaluation and states of the stack)."""
 
     def __init__(self, arch: str, in_chans: int, num_classes: int, members: Sequence[PopulationMember],
                  device: torch.device, dropout_seed: int) -> None:
@@ -452,7 +421,7 @@ def _train_vectorised(arch: str, in_chans: int, num_classes: int, members: Seque
                       batch_size: int, device: torch.device, on_epoch: OnEpoch | None, schedule: Schedule,
                       dropout_seed: int, eval_budget: int, store: SnapshotStore | None = None,
                       stop_after_epoch: int | None = None, augment: CropFlip | None = None) -> list[list[dict[str, Any]]]:
-    pop = _Population(arch, in_chans, num_classes, members, device, dropout_seed)
+    pop = CnnPopulation(arch, in_chans, num_classes, members, device, dropout_seed)
     names = [m.name for m in members]
     start = _start(store, names)
     if start is not None:
@@ -461,10 +430,10 @@ def _train_vectorised(arch: str, in_chans: int, num_classes: int, members: Seque
     steps = steps_per_epoch(n, batch_size)
     total = steps * epochs
     act = activation_bytes_per_sample(pop.template, tuple(train_x.shape[1:]))
-    chunk = _eval_chunk(pop.P, act, eval_budget)
+    chunk = eval_chunk(pop.P, act, eval_budget)
     history: list[list[dict[str, Any]]] = [[] for _ in members]
     # Probe one step on copies first: an OOM surfaces here, before any callback has run.
-    _probe(pop, train_x, train_y, batch_size, chunk, evals)
+    probe(pop, train_x, train_y, batch_size, chunk, evals)
 
     def report(epoch: int) -> None:
         mets = [_metrics_template(idx, epoch) for idx in indices]
@@ -536,7 +505,7 @@ def _checkpoint(store: SnapshotStore | None, epoch: int, epochs: int, snapshot: 
         raise KeyboardInterrupt(f"stop_after_epoch={stop_after_epoch}")
 
 
-def _probe(pop: _Population, train_x: Tensor, train_y: Tensor, batch_size: int, chunk: int, evals: EvalSets) -> None:
+def probe(pop: CnnPopulation, train_x: Tensor, train_y: Tensor, batch_size: int, chunk: int, evals: EvalSets) -> None:
     idx = torch.zeros(pop.P, min(batch_size, len(train_x)), dtype=torch.long, device=train_x.device)
     with torch.random.fork_rng(devices=[pop.device] if pop.device.type == "cuda" else []):
         buffers = {n: b.clone() for n, b in pop.buffers.items()}  # the probe must not move running statistics

@@ -21,7 +21,8 @@ from typing import Any
 
 from vitzoo.data.pipeline import preprocessing_for
 from vitzoo.plan import RunSpec, population_key, populations
-from vitzoo.train.population import CropFlip, PopulationMember
+from vitzoo.train.feed import device_augment
+from vitzoo.train.population import PopulationMember
 from vitzoo.train.schedule import lr_schedule
 
 #: Optimizer names of the recipes the engine implements, and its name for them.
@@ -89,11 +90,6 @@ def engine_kwargs(run: RunSpec, steps_per_epoch: int) -> dict[str, Any]:
     """Keyword arguments of ``train_population`` shared by ``run``'s group (data and members aside)."""
     c = run.config
     assert c.model is not None
-    a = c.aug
-    augment = None
-    if a.crop_padding or a.hflip:  # RandomCrop(padding, fill=black) + flip, on the device
-        pp = preprocessing_for(c.data, c.model.resolved_img_size)
-        augment = CropFlip(pad=a.crop_padding or 0, flip=bool(a.hflip),
-                           fill=tuple(-m / s for m, s in zip(pp.mean, pp.std, strict=True)))
+    augment = device_augment(c, preprocessing_for(c.data, c.model.resolved_img_size)) or None
     return {"arch": c.model.variant, "in_chans": c.data.channels, "epochs": c.epochs, "batch_size": c.batch_size,
             "schedule": schedule_for(run, steps_per_epoch), "augment": augment}

@@ -98,9 +98,9 @@ from vitzoo.train.engine import Member, train_group, train_run
 from vitzoo.train.evaluate import TRAIN_EVAL_CAP
 from vitzoo.train.functional_optim import adam_, clip_coefficients, sgd_
 from vitzoo.train.population import (
-    _eval_chunk,
     activation_bytes_per_sample,
     balanced_chunks,
+    eval_chunk,
     max_population_size,
 )
 from vitzoo.train.schedule import lr_schedule
@@ -368,7 +368,7 @@ class _TwinPopulation:
             self.evals[s] = (ex[:n].to(dev), ey[:n].to(dev))
         self.template.eval()
         act = activation_bytes_per_sample(self.template, tuple(self.train_x.shape[1:]))
-        self.eval_chunk = _eval_chunk(self.P, act, EVAL_MEMORY_BYTES.get(dev.type, 256 << 20))
+        self.eval_chunk = eval_chunk(self.P, act, EVAL_MEMORY_BYTES.get(dev.type, 256 << 20))
         self._probe()  # an OOM surfaces here, before anything is written
 
     # ------------------------------------------------------------------ optimizer state

@@ -89,7 +89,7 @@ from vitzoo.plan import RunSpec, canonical_json, population_key
 from vitzoo.train import functional_optim as fopt
 from vitzoo.train import population
 from vitzoo.train.build import amp_dtype, build_run, load_parent, make_optimizer
-from vitzoo.train.checkpoint import restore
+from vitzoo.train.checkpoint import restore, resume_epoch
 from vitzoo.train.context import Built, RunContext
 from vitzoo.train.engine import Member, train_group, train_run
 from vitzoo.train.evaluate import eval_batches
@@ -228,21 +228,7 @@ def _group_key(spec: RunSpec, pcfg: dict[str, Any], writer: RunWriter) -> str:
     parent = [spec.parent_id, spec.parent_epoch] if ft.mode == "linear" else None
     opt = c.optimizer.resolved()["timm"]
     return canonical_json([population_key(spec), pcfg["architecture"], pcfg.get("model_args"), opt, parent,
-                           _resume_epoch(writer)])
-
-
-def _resume_epoch(writer: RunWriter) -> int:
-    """The epoch a run would resume after (0 when it starts afresh or its scratch is unreadable)."""
-    p = writer.partial / "resume.safetensors"
-    if not p.is_file():
-        return 0
-    try:
-        import safetensors
-
-        with safetensors.safe_open(str(p), "pt") as f:
-            return int(f.metadata()["epoch"])
-    except Exception:  # noqa: BLE001 - restore() will reset it
-        return 0
+                           resume_epoch(writer)])
 
 
 def _train_group(specs: list[RunSpec], ctx: RunContext) -> list[dict[str, Any]]:
