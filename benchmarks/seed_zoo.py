@@ -1,6 +1,6 @@
 """Benchmark: the MNIST CNN-s seed zoo end to end through `vitzoo generate` (issue 4's zoo target).
 
-`benchmarks/population.py` times the engine on raw tensors; this script times what a user runs: the
+`benchmarks/population.py` compares stacked and one-by-one training; this script times what a user runs: the
 real recipe (`recipes/classic/mnist-cnn-s-seed.yaml`: 1,000 CNN-s, Adam 3e-4, batch 10, 50 epochs,
 all 51 states per model), data loading, the writers, the index and the cards, on MNIST-shaped data
 (machines without Hub access: a synthetic, learnable 28x28 ten-class set written as parquet, 60,000
@@ -8,7 +8,7 @@ train + 10,000 test, carved 50,000 / 10,000 / 10,000 like the recipe; or ``--dat
 folder of the real MNIST: ``train*.parquet`` / ``test*.parquet`` with ``image`` and ``label``).
 
 Checkpoint time is every call of the zoo writer (``RunWriter.save_epoch`` / ``save_history`` /
-``finalize``) and of the populations' resume snapshots, timed inside the run.
+``save_resume`` / ``finalize``), timed inside the run.
 
     python benchmarks/seed_zoo.py                                   # the full target: 1,000 x 50 epochs
     python benchmarks/seed_zoo.py --models 16 --epochs 1 --train-size 1200 --test-size 200   # CPU smoke
@@ -33,22 +33,23 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "classic" / "mnist-cnn-s-seed.yaml"
 
 
-def synthetic_mnist(folder: Path, train: int, test: int, seed: int = 0) -> Path:
-    """MNIST-shaped parquet files: ten class templates (random strokes) + per-sample noise and shifts,
-    so models learn something (accuracy is not comparable to MNIST's)."""
+def synthetic_mnist(folder: Path, train: int, test: int, seed: int = 0, channels: int = 1, size: int = 28) -> Path:
+    """MNIST-shaped parquet files (or CIFAR-shaped: ``channels=3, size=32``): ten class templates (random
+    strokes) + per-sample noise and shifts, so models learn something (accuracy is not comparable)."""
     import datasets
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    templates = (rng.random((10, 28, 28)) > 0.8).astype(np.float32)
+    shape = (size, size) if channels == 1 else (size, size, channels)
+    templates = (rng.random((10, *shape)) > 0.8).astype(np.float32)
 
     def make(n: int) -> datasets.Dataset:
         labels = rng.integers(0, 10, n)
         imgs = []
         for y in labels:
-            x = np.roll(templates[y], tuple(rng.integers(-1, 2, 2)), (0, 1)) * 255 + rng.normal(0, 20, (28, 28))
-            imgs.append(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8), mode="L"))
+            x = np.roll(templates[y], tuple(rng.integers(-1, 2, 2)), (0, 1)) * 255 + rng.normal(0, 20, shape)
+            imgs.append(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8), mode="L" if channels == 1 else "RGB"))
         return datasets.Dataset.from_dict({"image": imgs, "label": labels.tolist()}).cast_column(
             "image", datasets.Image())
 
@@ -89,7 +90,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from vitzoo.train.generate import generate
-    from vitzoo.train.population_state import SnapshotStore
     from vitzoo.zoo.writer import RunWriter
 
     work = Path(tempfile.mkdtemp(prefix="vitzoo-seedzoo-"))
@@ -104,9 +104,8 @@ def main() -> None:
     out = Path(args.out) if args.out else work / "zoo"
 
     ckpt = Timer()
-    for name in ("save_epoch", "save_history", "finalize"):
+    for name in ("save_epoch", "save_history", "save_resume", "finalize"):
         ckpt.wrap(RunWriter, name)
-    ckpt.wrap(SnapshotStore, "save")
     t0 = time.perf_counter()
     meta = generate(recipe, out, progress=False, log=lambda m: None)
     if torch.cuda.is_available():

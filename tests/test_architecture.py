@@ -16,14 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # debt of issue 8; remove entries as the engine lands, never add
-KNOWN_PRIVATE_IMPORTS = {
-    ("vitzoo.train.vit_population", "vitzoo.train.population", "_free_bytes"),
-}
-# debt of issue 8; remove entries as the engine lands, never add (afterwards: {"vitzoo/train/engine.py"})
-EPOCH_LOOP_MODULES = {
-    "vitzoo/train/engine.py",
-    "vitzoo/train/population.py",
-}
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()
+# the one epoch loop (issue 8): never add
+EPOCH_LOOP_MODULES = {"vitzoo/train/engine.py"}
 
 
 def modules(root: Path, pkg: str = "vitzoo") -> dict[str, Path]:

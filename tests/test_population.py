@@ -1,163 +1,153 @@
-"""Population training is proven equal to training the same models one by one.
+"""The classic CNN stack (vitzoo.train.population.CnnPopulation, driven as classic.CnnStack).
 
-Deterministic CPU: the vectorised engine (vmap over stacked parameters, functional Adam/SGD) and
-the plain reference loop (nn.Module + torch.optim) must give the same weights at every saved
-epoch to float tolerance (the grouped convolution of vmap sums in a different order).
+- its step against plain modules and torch.optim (batchnorm statistics, crop + flip streams, a frozen
+  diverged member), in float64 where float32 rounding is amplified;
+- dropout masks independent per member;
+- through `generate`: a diverged member finishes at its last good epoch while the others equal runs
+  trained alone; small groups train alone; an interrupted stack resumes one by one; out of memory halves.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+import vitzoo
 from vitzoo.models.cnn import build_cnn
-from vitzoo.train.population import (
-    CropFlip,
-    PopulationMember,
-    crop_flip,
-    member_replace,
-    train_one_by_one,
-    train_population,
-)
+from vitzoo.plan import expand
+from vitzoo.recipe import load_recipe
+from vitzoo.train import classic
+from vitzoo.train.context import RunContext
+from vitzoo.train.engine import train_run
+from vitzoo.train.feed import CropFlip, crop_flip
+from vitzoo.train.generate import generate
+from vitzoo.train.population import CnnPopulation, PopulationMember
+from vitzoo.train.schedule import lr_factor
+from vitzoo.train.seeds import augment_generator, epoch_order
+from vitzoo.zoo.index import write_index
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32) / 16.0
-    x = F.interpolate(x[:, None], size=28, mode="bilinear", align_corners=False)  # CNN-s sees 28x28
-    y = torch.tensor(d.target, dtype=torch.long)
-    return x[:200], y[:200], x[1500:1700], y[1500:1700]
-
-
-def _collect(store: dict[tuple[int, int], dict[str, torch.Tensor]]) -> Any:
-    def on_epoch(epoch: int, states: list[dict[str, torch.Tensor]], metrics: list[dict[str, Any]]) -> None:
-        for st, met in zip(states, metrics, strict=True):
-            store[(met["index"], epoch)] = {k: v.detach().clone() for k, v in st.items()}
-
-    return on_epoch
+RECIPE = {
+    "name": "stack-micro",
+    "stages": {"train": {
+        "data": {"source": "builtin:digits", "channels": 1, "max_train_samples": 60, "max_eval_samples": 30},
+        "model": {"variant": "cnn-s", "activation": "relu", "init": "KU"},
+        "optimizer": {"name": "adam", "lr": 3e-3, "weight_decay": 1e-4, "grad_clip": None},
+        "schedule": "constant", "epochs": 3, "batch_size": 10, "checkpoint_every": 1,
+        "seeds": {"init": "1..4"},
+    }},
+}
 
 
-MEMBERS = [
-    PopulationMember(1, 1, "adam", 1e-3, 0.0, activation="tanh", init="KU"),
-    PopulationMember(2, 7, "adam", 3e-3, 1e-3, activation="tanh", init="KU", grad_clip=0.1),
-    PopulationMember(3, 3, "sgd", 1e-2, 1e-3, 0.9, activation="tanh", init="KU", grad_clip=0.2),
-    PopulationMember(4, 3, "sgd", 5e-2, 0.0, 0.5, activation="tanh", init="KU"),
-]
+def _recipe(tmp_path: Path, **train: Any) -> Path:
+    doc = copy.deepcopy(RECIPE)
+    doc["stages"]["train"].update(train)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
 
 
-def test_adamw_and_nesterov_populations_equal_torch(digits: Any) -> None:
-    """AdamW (decoupled decay) and Nesterov SGD vectorise for CNNs as for ViT fine-tunes and twins."""
-    tx, ty, vx, vy = digits
-    members = [PopulationMember(5, 5, "adamw", 3e-3, 0.05, activation="tanh", init="KU"),
-               PopulationMember(6, 2, "adamw", 1e-3, 0.01, activation="tanh", init="KU", grad_clip=0.2),
-               PopulationMember(7, 4, "nesterov", 2e-2, 1e-3, 0.9, activation="tanh", init="KU")]
-    pop: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    ref: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    args = ("cnn-s", 1, 10, members, tx, ty, {"val": (vx, vy)}, 2, 10, "cpu")
-    train_population(*args, _collect(pop), mode="population")
-    train_one_by_one(*args, _collect(ref))
-    assert set(pop) == set(ref)
-    for key in ref:
-        for name, w in ref[key].items():
-            torch.testing.assert_close(pop[key][name], w, rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
-    assert not torch.equal(pop[(0, 2)]["module_list.0.weight"], pop[(0, 0)]["module_list.0.weight"])
+def _alone(tmp_path: Path, recipe: Path, name: str = "alone") -> Any:
+    ctx = RunContext(zoo_root=tmp_path / name, device=torch.device("cpu"), progress=False, log=lambda m: None)
+    for r in expand(load_recipe(recipe)).runs:
+        train_run(r, ctx)
+    write_index(tmp_path / name)
+    return vitzoo.load(tmp_path / name)
 
 
-@pytest.mark.parametrize("schedule", ["constant", "onecycle"])
-def test_population_equals_one_by_one(digits: Any, schedule: str) -> None:
-    tx, ty, vx, vy = digits
-    evals = {"train": (tx, ty), "val": (vx, vy)}
-    pop: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    ref: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    epochs = 3
-    h_pop = train_population("cnn-s", 1, 10, MEMBERS, tx, ty, evals, epochs, 10, "cpu", _collect(pop),
-                             schedule=schedule, mode="population")
-    h_ref = train_one_by_one("cnn-s", 1, 10, MEMBERS, tx, ty, evals, epochs, 10, "cpu", _collect(ref),
-                             schedule=schedule)
-    assert set(pop) == set(ref) == {(i, e) for i in range(len(MEMBERS)) for e in range(epochs + 1)}
-    for key in ref:
-        for name, w in ref[key].items():
-            torch.testing.assert_close(pop[key][name], w, rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
-    for a, b in zip(h_pop, h_ref, strict=True):
-        assert [m["epoch"] for m in a] == list(range(epochs + 1))
-        for ma, mb in zip(a, b, strict=True):
-            assert ma["val_acc"] == pytest.approx(mb["val_acc"], abs=1e-9)
-            assert ma["val_loss"] == pytest.approx(mb["val_loss"], rel=1e-4)
-            assert ma["status"] == mb["status"] == "ok"
-            if ma["epoch"] == 0:
-                assert ma["running_loss"] is None and mb["running_acc"] is None
-            else:  # training-batch averages, the legacy zoos' train metrics
-                assert ma["running_acc"] == pytest.approx(mb["running_acc"], abs=1e-9)
-                assert ma["running_loss"] == pytest.approx(mb["running_loss"], rel=1e-4)
-    # training did something (the equality is not the trivial one of untrained models)
-    assert h_ref[0][-1]["train_acc"] > h_ref[0][0]["train_acc"] + 0.2
+def _assert_states_close(a: Any, b: Any, mid: str, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    assert a.epochs(mid) == b.epochs(mid), mid
+    for e in a.epochs(mid):
+        sa, sb = a.state_dict(mid, e), b.state_dict(mid, e)
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=atol, msg=lambda m, k=k, e=e: f"{mid} {e} {k}: {m}")
 
 
-def test_dropout_is_independent_per_model(digits: Any) -> None:
-    tx, ty, _, _ = digits
-    twin = PopulationMember(5, 5, "adam", 1e-3, activation="relu", init="KU", dropout=0.5)
-    got: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    train_population("cnn-s", 1, 10, [twin, twin], tx[:50], ty[:50], {}, 1, 10, "cpu", _collect(got),
-                     mode="population")
-    k = "module_list.0.weight"
-    assert torch.equal(got[(0, 0)][k], got[(1, 0)][k])  # same init seed
-    assert not torch.equal(got[(0, 1)][k], got[(1, 1)][k])  # different dropout masks
-    # without dropout the same twins stay identical (determinism of everything else)
-    twin0 = PopulationMember(5, 5, "adam", 1e-3, activation="relu", init="KU")
-    got0: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    train_population("cnn-s", 1, 10, [twin0, twin0], tx[:50], ty[:50], {}, 1, 10, "cpu", _collect(got0),
-                     mode="population")
-    assert torch.equal(got0[(0, 1)][k], got0[(1, 1)][k])
+# --------------------------------------------------------------------------- the stack's step
 
 
-def test_diverged_model_is_frozen_and_the_rest_go_on(digits: Any) -> None:
-    tx, ty, vx, vy = digits
-    bad = PopulationMember(9, 9, "sgd", 1e30, 0.0, 0.9, activation="relu", init="N")
-    members = [MEMBERS[0], bad, MEMBERS[2]]
-    got: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    hist = train_population("cnn-s", 1, 10, members, tx[:100], ty[:100], {"val": (vx, vy)}, 2, 10, "cpu",
-                            _collect(got), mode="population")
-    assert hist[1][-1]["status"] == "diverged" and hist[1][-1]["diverged_step"] is not None
-    assert all(torch.isfinite(v).all() for v in got[(1, 2)].values())
-    assert hist[0][-1]["status"] == hist[2][-1]["status"] == "ok"
-    ref: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    h_ref = train_one_by_one("cnn-s", 1, 10, members, tx[:100], ty[:100], {"val": (vx, vy)}, 2, 10, "cpu",
-                             _collect(ref))
-    assert h_ref[1][-1]["status"] == "diverged"
-    assert h_ref[1][-1]["diverged_step"] == hist[1][-1]["diverged_step"]
-    for i in (0, 2):  # the healthy models are untouched by their diverged neighbour
-        for name, w in ref[(i, 2)].items():
-            torch.testing.assert_close(got[(i, 2)][name], w, rtol=1e-4, atol=1e-5)
+def test_resnet_stack_equals_modules_with_batchnorm_and_augmentation() -> None:
+    """ResNet-18 stacked: per-member batchnorm statistics and crop/flip streams give plain modules' states
+    (running statistics included), and a diverging member is frozen without touching the others.
+
+    In float64: batchnorm over 4 padded crops is ill-conditioned enough that float32 rounding (grouped vs
+    plain convolution) grows to ~1e-3 within two steps in either path; in float64 they agree to ~1e-9."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _resnet_stack_vs_modules()
+    finally:
+        torch.set_default_dtype(dtype)
 
 
-def test_mixed_optimizers_split_into_groups_and_keep_order(digits: Any) -> None:
-    tx, ty, _, _ = digits
-    members = [MEMBERS[2], MEMBERS[0], MEMBERS[3], MEMBERS[1]]
-    seen: list[int] = []
+def _resnet_stack_vs_modules() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+    members = [PopulationMember(s, s, "sgd", 0.05, 5e-4, 0.9) for s in (1, 2)]
+    members.append(PopulationMember(3, 3, "sgd", 1e30, 0.0, 0.9))  # diverges: frozen, statistics included
+    aug = CropFlip(fill=(-1.0, -2.0, -0.5))
+    pop = CnnPopulation("resnet18", 3, 10, members, torch.device("cpu"), 0)
+    nets = [build_cnn("resnet18", 3, 10, seed=m.init_seed) for m in members]
+    opts = [torch.optim.SGD(n.parameters(), lr=m.lr, momentum=m.momentum, weight_decay=m.weight_decay, foreach=False)
+            for n, m in zip(nets, members, strict=True)]
+    frozen = [True] * 3
+    epochs, batch, total = 2, 4, 4
+    step = 0
+    for epoch in (1, 2):
+        perms = [epoch_order(m.data_seed, epoch, 8) for m in members]
+        gens = [augment_generator(m.data_seed, epoch) for m in members]
+        ref_gens = [augment_generator(m.data_seed, epoch) for m in members]
+        for s in range(2):
+            idx = torch.stack([p[s * batch:(s + 1) * batch] for p in perms])
+            xb = torch.stack([crop_flip(x[idx[i]], gens[i], aug.pad, aug.flip, aug.fill) for i in range(3)])
+            factor = lr_factor("onecycle", step, total)
+            pop.train_step(xb, y[idx], factor, step)
+            for i, (net, opt, m) in enumerate(zip(nets, opts, members, strict=True)):
+                xi = crop_flip(x[idx[i]], ref_gens[i], aug.pad, aug.flip, aug.fill)
+                if not frozen[i]:
+                    continue
+                before = copy.deepcopy(net.state_dict())
+                net.train()
+                loss = F.cross_entropy(net(xi), y[idx[i]])
+                opt.zero_grad()
+                loss.backward()
+                for grp in opt.param_groups:
+                    grp["lr"] = m.lr * factor
+                ok = math.isfinite(loss.item()) and all(torch.isfinite(p.grad).all() for p in net.parameters())
+                if ok:
+                    opt.step()
+                else:  # the stack's rule: the bad step is not applied and the model is frozen
+                    net.load_state_dict(before)
+                    frozen[i] = False
+            step += 1
+    assert frozen == [True, True, False] and pop.alive.tolist() == [True, True, False]
+    states = pop.states()
+    for i in range(2):  # (the diverged member is finished at its last good epoch: its stack row is not kept)
+        for k, v in nets[i].state_dict().items():
+            if k.endswith("num_batches_tracked"):
+                continue
+            torch.testing.assert_close(states[i][k], v, rtol=1e-7, atol=1e-8, msg=lambda m, k=k, i=i: f"{i} {k}: {m}")
+    assert "layer1.0.bn1.running_mean" in states[0]
+    assert epochs == 2
 
-    def on_epoch(epoch: int, states: list[dict[str, torch.Tensor]], metrics: list[dict[str, Any]]) -> None:
-        if epoch == 0:
-            seen.extend(m["index"] for m in metrics)
 
-    hist = train_population("cnn-s", 1, 10, members, tx[:20], ty[:20], {"train": (tx[:20], ty[:20])}, 1, 10,
-                            "cpu", on_epoch, mode="population", max_population=8)
-    assert sorted(seen) == [0, 1, 2, 3] and len(hist) == 4
-    assert all(len(h) == 2 for h in hist)
-
-
-def test_auto_mode_small_groups_train_one_by_one(digits: Any) -> None:
-    tx, ty, _, _ = digits
-    a = train_population("cnn-s", 1, 10, MEMBERS[:2], tx[:20], ty[:20], {"t": (tx[:20], ty[:20])}, 1, 10, "cpu")
-    b = train_one_by_one("cnn-s", 1, 10, MEMBERS[:2], tx[:20], ty[:20], {"t": (tx[:20], ty[:20])}, 1, 10, "cpu")
-    assert a == b  # bitwise: the same loop ran
+def test_dropout_masks_are_independent_per_member() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 10, 1, 28, 28, generator=g), torch.randint(0, 10, (2, 10), generator=g)
+    for dropout, same in ((0.5, False), (0.0, True)):
+        twin = PopulationMember(5, 5, "adam", 1e-3, activation="relu", init="KU", dropout=dropout)
+        pop = CnnPopulation("cnn-s", 1, 10, [twin, twin], torch.device("cpu"), 0)
+        torch.manual_seed(0)
+        pop.train_step(torch.stack([x[0], x[0]]), torch.stack([y[0], y[0]]), 1.0, 0)
+        assert torch.equal(pop.flat[0], pop.flat[1]) == same, dropout
 
 
 def test_crop_flip_is_seeded_and_keeps_shape() -> None:
@@ -175,121 +165,79 @@ def test_crop_flip_is_seeded_and_keeps_shape() -> None:
         assert set(out[:, c].unique().tolist()) == {1.0, v}
 
 
-def test_resnet_population_equals_one_by_one_with_batchnorm_and_augmentation() -> None:
-    """ResNet-18 vectorised (``mode="population"``): stacked batchnorm statistics and per-model crop/flip
-    streams give the one-by-one loop's states, running statistics included; ``auto`` trains it one by one.
-
-    In float64: batchnorm over 4 padded crops is ill-conditioned enough that float32 rounding (grouped vs
-    plain convolution) grows to ~1e-3 within two steps, in either path alike; in float64 the paths agree
-    to ~1e-9."""
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        _resnet_population_vs_one_by_one()
-    finally:
-        torch.set_default_dtype(dtype)
-
-
-def _resnet_population_vs_one_by_one() -> None:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (8,), generator=g)
-    members = [PopulationMember(s, s, "sgd", 0.05, 5e-4, 0.9) for s in (1, 2)]
-    members.append(PopulationMember(3, 3, "sgd", 1e30, 0.0, 0.9))  # diverges: frozen, statistics included
-    aug = CropFlip(fill=(-1.0, -2.0, -0.5))
-    args = ("resnet18", 3, 10, members, x, y, {"test": (x, y)}, 2, 4, "cpu")
-    ref: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    h_ref = train_population(*args, _collect(ref), schedule="onecycle", augment=aug)  # auto: one by one
-    pop: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    h_pop = train_population(*args, _collect(pop), schedule="onecycle", augment=aug, mode="population")
-    assert "layer1.0.bn1.running_mean" in ref[(0, 1)]
-    init0 = build_cnn("resnet18", 3, 10, seed=1).state_dict()["conv1.weight"]
-    assert torch.equal(ref[(0, 0)]["conv1.weight"], init0) and torch.equal(pop[(0, 0)]["conv1.weight"], init0)
-    for i in (0, 1):
-        for e in (1, 2):
-            for name, w in ref[(i, e)].items():
-                torch.testing.assert_close(pop[(i, e)][name], w, rtol=1e-7, atol=1e-8)
-        assert h_pop[i][-1]["test_acc"] == h_ref[i][-1]["test_acc"]
-    assert h_pop[2][-1]["status"] == h_ref[2][-1]["status"] == "diverged"
-    assert h_pop[2][-1]["diverged_step"] == h_ref[2][-1]["diverged_step"]
-    with pytest.raises(ValueError, match="cannot be vectorised"):
-        train_population("vit", 3, 10, members, x, y, {}, 1, 4, "cpu", mode="population")
-
-
 def test_adapter_maps_classic_recipes_to_members() -> None:
-    from pathlib import Path
+    from vitzoo.data.pipeline import preprocessing_for
+    from vitzoo.train.feed import device_augment
+    from vitzoo.train.population_adapter import member_from_run, split_runs, unsupported
 
-    from vitzoo.plan import expand
-    from vitzoo.recipe import load_recipe
-    from vitzoo.train.population_adapter import engine_kwargs, member_from_run, split_runs, unsupported
-
-    classic = Path(__file__).parent.parent / "recipes" / "classic"
-    runs = expand(load_recipe(classic / "mnist-cnn-s-hyp-10-fix.yaml")).runs
+    recipes = Path(__file__).parent.parent / "recipes" / "classic"
+    runs = expand(load_recipe(recipes / "mnist-cnn-s-hyp-10-fix.yaml")).runs
     groups = split_runs(runs)
     assert len(groups) == 1 and len(groups[0]) == 2560  # activation/dropout/init/optimizer vary per member
     members = [member_from_run(r) for r in groups[0]]
     assert {m.optimizer for m in members} == {"adam", "sgd"}
     assert {(m.activation, m.dropout, m.init) for m in members} >= {("gelu", 0.5, "KN"), ("tanh", 0.0, "U")}
     assert all(m.grad_clip is None for m in members)
-    kw = engine_kwargs(groups[0][0], steps_per_epoch=5000)
-    assert kw["arch"] == "cnn-s" and kw["in_chans"] == 1 and kw["augment"] is None
-    assert kw["schedule"](0, 250_000) == 1.0
-    res = expand(load_recipe(classic / "cifar10-resnet18-seed.yaml")).runs[0]
-    aug = engine_kwargs(res, 165)["augment"]
+    res = expand(load_recipe(recipes / "cifar10-resnet18-seed.yaml")).runs[0]
+    aug = device_augment(res.config, preprocessing_for(res.config.data, 32))
     assert not unsupported(res) and (aug.pad, aug.flip) == (4, True)
     assert aug.fill == pytest.approx([-m / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    seed = member_from_run(expand(load_recipe(classic / "usps-cnn-s-seed.yaml")).runs[0])
+    seed = member_from_run(expand(load_recipe(recipes / "usps-cnn-s-seed.yaml")).runs[0])
     assert (seed.optimizer, seed.lr, seed.weight_decay, seed.init, seed.activation) == ("adam", 3e-4, 1e-3, "U", "tanh")
 
 
-RESUMABLE = [PopulationMember(i, 10 + i, "adam", 1e30 if i == 0 else 1e-3, 1e-4, activation="relu", init="KU",
-                              dropout=0.3, name=f"m{i}") for i in range(4)]  # m0 (lr 1e30) diverges in epoch 1
+# --------------------------------------------------------------------------- through generate
 
 
-@pytest.mark.parametrize("mode", ["population", "sequential"])
-def test_interrupted_training_resumes_exactly(digits: Any, tmp_path: Any, mode: str) -> None:
-    """Stopped after epoch 1 and resumed from the snapshot: every later state equals an uninterrupted
-    run's bit for bit (dropout masks included: the group's RNG state is restored), and a diverged
-    member stays diverged."""
-    from vitzoo.train.population_state import SnapshotStore
+def test_diverged_member_finishes_and_the_rest_equal_runs_alone(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("VITZOO_POPULATION", "on")
+    recipe = _recipe(tmp_path, grid={"lr": [3e-3, 1e30]}, seeds={"init": "1..2"}, epochs=2)
+    generate(recipe, tmp_path / "zoo", progress=False, log=lambda m: None)
+    zoo = vitzoo.load(tmp_path / "zoo")
+    alone = _alone(tmp_path, recipe)
+    finals = zoo.models.set_index("model_id")
+    runs = expand(load_recipe(recipe)).runs
+    for r in runs:
+        if r.config.optimizer.lr > 1:
+            assert finals.loc[r.run_id, "status"] == "diverged" and zoo.epochs(r.run_id) == [0]
+        else:  # healthy members are untouched by their diverged neighbours
+            assert finals.loc[r.run_id, "status"] == "done"
+            _assert_states_close(zoo, alone, r.run_id)
 
-    tx, ty, vx, vy = digits
-    args = ("cnn-s", 1, 10, RESUMABLE, tx[:100], ty[:100], {"val": (vx, vy)}, 3, 10, "cpu")
-    full: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    h_full = train_population(*args, _collect(full), mode=mode)
-    store = SnapshotStore(tmp_path / "snap")
+
+def test_small_groups_train_alone_and_out_of_memory_halves(tmp_path: Path, monkeypatch) -> None:
+    built: list[int] = []
+    init = classic.CnnStack.__init__
+
+    def spy(self: classic.CnnStack, specs: list, ctx: RunContext) -> None:
+        built.append(len(specs))
+        if len(specs) > 2:
+            raise torch.OutOfMemoryError("simulated")
+        init(self, specs, ctx)
+
+    monkeypatch.setattr(classic.CnnStack, "__init__", spy)
+    recipe = _recipe(tmp_path, epochs=1)
+    generate(recipe, tmp_path / "auto", progress=False, log=lambda m: None)  # auto on CPU: 4 < MIN_POPULATION
+    assert built == [] and len(vitzoo.load(tmp_path / "auto")) == 4
+    monkeypatch.setenv("VITZOO_POPULATION", "on")
+    logs: list[str] = []
+    generate(recipe, tmp_path / "on", progress=False, log=logs.append)
+    assert built == [4, 2, 2] and any("halving" in m for m in logs)
+    assert len(vitzoo.load(tmp_path / "on")) == 4
+
+
+def test_an_interrupted_stack_resumes_one_by_one(tmp_path: Path, monkeypatch) -> None:
+    """One resume format: a stack stopped after epoch 1 continues with VITZOO_POPULATION=off (runs alone)
+    and agrees with the uninterrupted stack to float tolerance (no dropout: the streams differ)."""
+    monkeypatch.setenv("VITZOO_POPULATION", "on")
+    recipe = _recipe(tmp_path)
+    generate(recipe, tmp_path / "whole", progress=False, log=lambda m: None)
     with pytest.raises(KeyboardInterrupt):
-        train_population(*args, None, mode=mode, checkpoints=store, stop_after_epoch=1)
-    assert list((tmp_path / "snap").glob("*.safetensors"))
-    resumed: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    h_res = train_population(*args, _collect(resumed), mode=mode, checkpoints=SnapshotStore(tmp_path / "snap"))
-    interrupted = range(4) if mode == "population" else range(1)  # one by one: the 1st (diverged) model
-    for i in range(4):
-        first = 2 if i in interrupted else 0
-        assert sorted(e for j, e in resumed if j == i) == list(range(first, 4)), "no epoch trained twice"
-        for e in range(first, 4):
-            for name, w in full[(i, e)].items():
-                assert torch.equal(resumed[(i, e)][name], w), (mode, i, e, name)
-        assert h_res[i][-1]["status"] == h_full[i][-1]["status"] == ("diverged" if i == 0 else "ok")
-        assert h_res[i][-1]["val_acc"] == h_full[i][-1]["val_acc"]
-
-
-def test_snapshots_resume_across_engines(digits: Any, tmp_path: Any) -> None:
-    """A vectorised group's snapshot resumes one by one (same layout): the result agrees to float
-    tolerance with the uninterrupted population (no dropout: the streams of the two paths differ)."""
-    from vitzoo.train.population_state import SnapshotStore
-
-    tx, ty, _, _ = digits
-    members = [member_replace(m, dropout=0.0) for m in RESUMABLE[1:]]
-    args = ("cnn-s", 1, 10, members, tx[:100], ty[:100], {}, 3, 10, "cpu")
-    full: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    train_population(*args, _collect(full), mode="population")
-    store = SnapshotStore(tmp_path)
-    with pytest.raises(KeyboardInterrupt):
-        train_population(*args, None, mode="population", checkpoints=store, stop_after_epoch=2)
-    got: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    train_population(*args, _collect(got), mode="sequential", checkpoints=SnapshotStore(tmp_path))
-    assert sorted(got) == [(i, 3) for i in range(3)]
-    for i in range(3):
-        for name, w in full[(i, 3)].items():
-            torch.testing.assert_close(got[(i, 3)][name], w, rtol=1e-4, atol=1e-5)
+        generate(recipe, tmp_path / "cut", progress=False, log=lambda m: None, stop_after_epoch=1)
+    monkeypatch.setenv("VITZOO_POPULATION", "off")
+    logs: list[str] = []
+    generate(recipe, tmp_path / "cut", progress=False, log=logs.append)
+    assert sum("resuming after epoch 1" in m for m in logs) == 4
+    a, b = vitzoo.load(tmp_path / "whole"), vitzoo.load(tmp_path / "cut")
+    for mid in a.model_ids():
+        _assert_states_close(a, b, mid)

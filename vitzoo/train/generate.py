@@ -90,7 +90,6 @@ def generate(recipe_path: str | Path, out: str | Path, *, progress: bool = True,
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         discard_temp_files(out)  # a previous process killed while writing index.parquet or zoo.json
-        discard_temp_files(out / ".partial" / "populations")  # ... or a population's resume snapshot
         if not resuming:
             _write_recipe(out, recipe)
             write_json(out / "zoo.json", _zoo_json(recipe, plan, state.num_processes, status="generating"))

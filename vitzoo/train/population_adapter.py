@@ -1,29 +1,15 @@
-"""RunSpecs → population members: the bridge between the plan and the population engine.
+"""RunSpecs → stack members: which classic runs the vectorised CNN update reproduces, and their view.
 
-Why a separate module: :mod:`vitzoo.train.population` knows nothing of recipes (it is tested and
-benchmarked on raw tensors); this module decides which planned runs can be trained together and
-translates each into a :class:`PopulationMember`, refusing loudly (``PopulationUnsupported``) what
-the engine cannot reproduce exactly, so the caller can fall back to the per-run loop.
-
-    for group in split_runs(runs):                 # same arch, data, duration, schedule
-        problems = unsupported(group[0])
-        if problems: ... train one by one ...
-        members = [member_from_run(r) for r in group]
-        train_population(**engine_kwargs(group[0], steps_per_epoch), members=members, ...)
-
-Groups are :func:`vitzoo.plan.populations` (one pure definition, also shown by `vitzoo plan`).
+:func:`unsupported` lists what the stack cannot reproduce exactly (those runs train alone through the
+engine); :func:`member_from_run` turns a run into the :class:`~vitzoo.train.population.PopulationMember`
+the stack reads its hyperparameters from. Groups are :func:`vitzoo.plan.populations` (one pure
+definition, also shown by `vitzoo plan`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from vitzoo.data.pipeline import preprocessing_for
 from vitzoo.plan import RunSpec, population_key, populations
-from vitzoo.train.feed import device_augment
 from vitzoo.train.population import PopulationMember
-from vitzoo.train.schedule import lr_schedule
 
 #: Optimizer names of the recipes the engine implements, and its name for them.
 OPTIMIZERS = {"adam": "adam", "adamw": "adamw", "sgd": "sgd", "nesterov": "nesterov"}
@@ -78,18 +64,3 @@ def member_from_run(run: RunSpec) -> PopulationMember:
 #: The grouping is the plan's (pure, shown by `vitzoo plan`).
 group_key = population_key
 split_runs = populations
-
-
-def schedule_for(run: RunSpec, steps_per_epoch: int) -> Callable[[int, int], float]:
-    """The run's lr multiplier per optimizer step: the per-run loop's own (warmup, min_lr_ratio, onecycle)."""
-    lr_at = lr_schedule(run.config, steps_per_epoch)
-    return lambda step, _total: lr_at(step)
-
-
-def engine_kwargs(run: RunSpec, steps_per_epoch: int) -> dict[str, Any]:
-    """Keyword arguments of ``train_population`` shared by ``run``'s group (data and members aside)."""
-    c = run.config
-    assert c.model is not None
-    augment = device_augment(c, preprocessing_for(c.data, c.model.resolved_img_size)) or None
-    return {"arch": c.model.variant, "in_chans": c.data.channels, "epochs": c.epochs, "batch_size": c.batch_size,
-            "schedule": schedule_for(run, steps_per_epoch), "augment": augment}

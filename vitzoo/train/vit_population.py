@@ -94,7 +94,7 @@ from vitzoo.train.context import Built, RunContext
 from vitzoo.train.engine import Member, train_group, train_run
 from vitzoo.train.evaluate import eval_batches
 from vitzoo.train.objectives import CrossEntropy
-from vitzoo.train.population import _free_bytes, activation_bytes_per_sample, balanced_chunks
+from vitzoo.train.population import activation_bytes_per_sample, balanced_chunks, free_bytes
 from vitzoo.train.schedule import lr_schedule
 from vitzoo.train.seeds import seed_module_rngs
 from vitzoo.zoo.writer import RunWriter
@@ -281,7 +281,7 @@ def max_population(pop: _Population, device: torch.device, fraction: float = 0.5
     per += (3 if pop.mode == "full" else 1) * cfg.batch_size * act
     if device.type == "cpu":
         cap = min(cap, CPU_MAX_POPULATION)
-    return int(max(1, min(cap, fraction * _free_bytes(device) // max(per, 1))))
+    return int(max(1, min(cap, fraction * free_bytes(device) // max(per, 1))))
 
 
 # ---------------------------------------------------------------------------- members
