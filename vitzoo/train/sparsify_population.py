@@ -1,76 +1,24 @@
-"""Sparsified twins trained as populations: many variational-dropout twins of CNN-s/CNN-m at once.
+"""Sparsified twins trained as a stack: many variational-dropout twins of CNN-s/CNN-m at once.
 
 Why: a classic zoo's ``sparsify:`` stage trains one twin per parent (1,000+ CNN-s twins at batch size
-10 for 25 epochs). One by one (:func:`vitzoo.train.engine.train_run`) every step is a
-handful of tiny kernel launches, the situation :mod:`vitzoo.train.population` solves for the main
-training stage. Here the same technique is applied to the twins: the parameters of P twins
-(weights, biases and every ``log_sigma2``) are rows of one flat ``(P, n_params)`` buffer, one
+10 for 25 epochs); alone, every step is a handful of tiny kernel launches. The parameters of P twins
+(weights, biases and every ``log_sigma2``) are rows of one flat ``(P, n_params)`` buffer; one
 ``torch.func.vmap``-ed ``functional_call`` of the variational-dropout network (the very
-:class:`~vitzoo.train.variational.VDConv2d` / :class:`~vitzoo.train.variational.VDLinear` modules of the
-one-by-one path) computes every twin's loss and gradients, and a functional optimizer updates all
-of them in a few kernels, with no host sync per step.
+:class:`~vitzoo.train.variational.VDConv2d` / :class:`~vitzoo.train.variational.VDLinear` modules of a twin
+trained alone) computes every twin's loss and gradients, and :mod:`vitzoo.train.functional_optim`
+updates all of them, with every hyperparameter read from the twin's own torch optimizer (weight decay
+per parameter group, never on ``log_sigma2``). :class:`_TwinPopulation` is a Members backend of the
+engine's loop (:func:`vitzoo.train.engine.train_group`), which owns epoch 0, divergence, history rows,
+checkpoints and the resume points (the format of a twin trained alone: either path resumes the other).
 
-Semantics, equal to :func:`~vitzoo.train.engine.train_run` for each twin:
-
-- start: the parent's state at ``parent_epoch``; ``log_sigma2`` at ``log_sigma2_init``; epoch 0 is
-  the parent's state unchanged, evaluated unpruned;
-- data order and last batch: :func:`~vitzoo.train.seeds.epoch_order` ``(data_seed, epoch, n_train)``,
-  batches of ``batch_size``, the last partial one kept or dropped by :func:`~vitzoo.train.seeds.drop_last`;
-- loss per batch: cross-entropy (mean) + ``kl_weight * kl_ramp(epoch, epochs) / N_train * KL`` (per-twin
-  ``kl_weight``); per-twin lr schedule (the stage's, via ``loop.lr_schedule``);
-- optimizer: the twin's own ``torch.optim`` object (built by ``sparsify._optimizer``: weight decay on
-  Conv/Linear weights only) supplies every hyperparameter, and the update is ``torch.optim.Adam`` /
-  ``AdamW`` / ``SGD`` (momentum, optionally Nesterov) as :mod:`vitzoo.train.functional_optim` does it
-  for every population engine (torch's single-tensor maths), with per-twin lr, weight decay per
-  parameter group, momentum and ``clip_grad_norm_`` threshold;
-- pruning (``log alpha >= threshold``), per-epoch evaluation of the pruned network in eval mode on
-  train (first 10,000), val and test, ``sparsity_ratio`` of the saved state, history rows, saved
-  states in the parent's keys with pruned weights exactly 0: the same functions as the one-by-one path;
-- files: each twin has its own :class:`~vitzoo.zoo.writer.RunWriter`; its ``.partial`` resume point
-  (weights with ``log_sigma2``, ``torch.optim`` state dict) is written after every epoch in exactly the
-  one-by-one format, so a twin interrupted on one path resumes on either, per epoch; it is finished
-  (``finish_run``) as soon as its last epoch is written. On disk nothing tells the two paths apart
-  (except ``wall_time_s``: the population's time shared equally among its twins).
-- divergence: a step whose loss or gradient is not finite is not applied and the twin is frozen from
-  then on (a device-side mask: no host sync per step); at the end of the epoch it is recorded as
-  ``diverged`` with its last good state (the previous epoch), finished at once, and the others go on.
-  An evaluation loss that is not finite counts as divergence too, as in the one-by-one path.
-
-Known differences (documented; tested in tests/test_sparsify_population.py):
-
-- Noise: the Gaussian sample of the local reparameterisation (and dropout, if a parent has any) is
-  drawn per twin from one seeded stream (``vmap(randomness="different")``): the global RNG, seeded at
-  every epoch from the epoch and the run ids of the sub-population (forked, so the caller's RNG is
-  untouched). A twin's noise therefore depends on its companions (the sub-population, which depends on
-  the population size chosen for the device), whereas the one-by-one path seeds per twin and epoch
-  (``seeds.seed_module_rngs``). Both are reproducible; they are not equal to each other. A population resumed
-  with the same members continues exactly as if never stopped; one resumed with other companions (a
-  diverged or already finished twin dropped, another device) draws other noise from the resume on.
-  ``noise=False`` (tests only) trains on the mean of the local reparameterisation in both paths; then
-  the paths agree at every saved epoch to float tolerance (rtol 1e-4, atol 1e-5).
-- Floating point: vmap lowers the convolutions to grouped ones (another summation order), and loss /
-  metric sums are accumulated in float64: equal to float tolerance, not bitwise. Where training is
-  ill-conditioned (strong KL with large steps, unclipped SGD: max-pool argmax switches and the 1/w KL
-  gradients of weights being pruned) float32 differences grow far beyond that tolerance within an
-  epoch or two, as they do inside the one-by-one path under a 1e-7 perturbation; in float64 the two
-  paths stayed within 1e-8 over 3 epochs on such a case (a check made during development).
-- Divergence is also detected from a non-finite gradient with a finite loss (the one-by-one path sees it
-  one step later, or at evaluation); the recorded last good epoch is normally the same.
-- CUDA is written for (device-side masks, one transfer per epoch) but was not run: no GPU was available.
-
-Populations: twins whose parents share the network shape (architecture, channels, classes, activation,
-dropout) and whose stage settings share data, epochs, batch size, schedule, checkpoints, update rule
-and threshold are grouped (:func:`group_key`); a group is split into balanced sub-populations of at
-most the size that fits the device memory (:func:`_max_population`; at most :data:`CPU_MAX_POPULATION`
-on CPU), halved if one still runs out of memory in its first (probe) step, and split again by resume
-epoch (twins interrupted at different epochs train apart).
-
-What stays one by one (:func:`train_sparsify_stage` routes it to the engine's ``train_run``): twins of
-ResNet-18 (stacked batchnorm statistics, as :mod:`vitzoo.train.population` keeps them, are not wired in
-here; an 11M-parameter model at batch 128 is not launch-bound anyway) and of ViTs (large models), optimizers
-other than Adam/AdamW/SGD (LAMB, Lion), and in ``auto`` mode groups smaller than
-:data:`MIN_POPULATION` for the device, where the vectorised step is not faster (benchmarks/RESULTS.md,
-"Sparsified twins as populations").
+Groups: twins whose parents share the network shape and whose stage settings share data, duration,
+batch size, schedule, checkpoints, update rule and threshold (:func:`group_key`), split into balanced
+sub-populations sized from device memory (at most :data:`CPU_MAX_POPULATION` on CPU), halved on out of
+memory, and by resume epoch. Trained alone (the engine's ``train_run``): twins of ResNet-18 and ViTs,
+optimizers other than Adam/AdamW/SGD/Nesterov, and in ``auto`` groups smaller than
+:data:`MIN_POPULATION` (benchmarks/RESULTS.md, "Sparsified twins as populations"). ``noise=False``
+(tests only) trains on the mean of the local reparameterisation, which makes the two paths comparable
+to float tolerance. Numerical differences to twins trained alone: docs/training-engine.md.
 """
 
 from __future__ import annotations

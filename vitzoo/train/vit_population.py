@@ -1,69 +1,28 @@
-"""ViT fine-tuning populations: many fine-tunes of one backbone shape trained together, vectorised.
+"""ViT fine-tuning populations: many fine-tunes of one backbone shape trained as a stack.
 
-Why: a fine-tuning stage is typically every parent × a grid of learning rates, weight decays,
-heads and seeds: dozens of runs of one backbone shape on the same data for the same duration. On a
-GPU a micro or Ti/16 fine-tune at batch 32-128 leaves most of the device idle, and a linear probe
-spends nearly all its time in the frozen backbone forward that its siblings repeat on the same
-images. This module trains such runs as one population: the trainable parameters of P members
-live in one flat ``(P, n)`` buffer, one ``torch.func.vmap``-ed ``functional_call`` +
-``grad_and_value`` computes every member's gradient on its own batch, and AdamW / Adam / SGD are
-applied to the whole buffer in a handful of kernels, with per-member hyperparameters.
+Why: a fine-tuning stage is typically every parent × a grid of learning rates, weight decays, heads and
+seeds: dozens of runs of one backbone shape on the same data for the same duration. On a GPU a micro or
+Ti/16 fine-tune at batch 32-128 leaves most of the device idle, and a linear probe spends nearly all its
+time in the frozen backbone forward that its siblings repeat on the same images. The trainable
+parameters of P members live in one flat ``(P, n)`` buffer; one ``torch.func.vmap``-ed
+``functional_call`` + ``grad_and_value`` computes every member's gradient on its own batch, and
+:mod:`vitzoo.train.functional_optim` applies AdamW / Adam / SGD (momentum, Nesterov) to the whole buffer
+with per-member hyperparameters read from each run's real optimizer (timm's groups: no decay on biases,
+norms, position embedding and class token). :class:`_Population` is a Members backend of the engine's
+loop (:func:`vitzoo.train.engine.train_group`): members are built by the same builder as a run alone,
+each keeps its own loader (with its augmentation RNG state parked between batches, so it sees the very
+batches it would see alone), and its resume point is the format of a run alone.
 
-Semantics: exactly those of a run trained alone (:func:`vitzoo.train.engine.train_run`), so that each
-member's saved states equal, to float tolerance, what ``train_run`` would save for it
-(``tests/test_vit_population.py`` trains the same runs both ways and compares every saved epoch):
-
-- Init: every member is built by the loop's own builder (``build.build_run``: parent backbone, head
-  seeded by ``init_seed``), then its parameters are stacked.
-- Data: every member has the loop's own loader (``train_loader``, sampler seeded per
-  ``data_seed``, ``seeds.seed_module_rngs(init_seed, data_seed, epoch)`` before each epoch's iterator).
-  With ``num_workers=0`` augmentations draw from the global RNGs (torch, numpy, random), so each
-  member keeps its own copy of those RNG states and they are swapped in around its ``next()``:
-  each member sees the very batches (and augmentations) it would see when trained alone.
-- Optimizer: the member's real ``make_optimizer`` (timm's param groups, no weight decay on
-  biases, norms, position embedding and class token) is built once to read its groups and
-  hyperparameters; the update is then applied functionally to the flat buffer, op for op as
-  ``torch.optim``'s single-tensor AdamW / Adam / SGD (momentum, Nesterov) do it, with the lr of
-  ``lr_schedule`` and ``clip_grad_norm_``'s per-model global-norm clipping.
-- Loss: the loop's criterion (cross-entropy with label smoothing) under the loop's autocast
-  (bf16 where the loop uses it; the backward runs outside autocast, as in the loop).
-- Evaluation: the loop's splits and batches (``evaluate.eval_batches``), fp32, eval mode, vectorised.
-- Divergence: a member whose loss turns non-finite is frozen at once (a device-side mask, no host
-  sync per step) and, at the end of that epoch, recorded ``diverged`` with its last good epoch
-  state, exactly as the loop does (which also discards the epoch it diverged in); the others go on.
-- Writing: each member has its own ``RunWriter`` and ends through the loop's ``finish_run`` as soon
-  as its last epoch (or its divergence) is done, so its folder, index rows and run.json are those
-  of a per-run model. After every epoch each member saves the loop's resume point (weights +
-  a ``torch.optim`` state dict), so an interrupted population resumes per epoch, either as a
-  population or run by run, and never loses finished members. The one on-disk difference:
-  ``wall_time_s`` in run.json is the member's share of its population's time.
-
-Modes: ``full`` (each member its own backbone) and ``linear`` (frozen backbone: members with the
-same parent share one unbatched backbone, its features are computed once per distinct batch, and
-only the heads are stacked). Runs this module cannot reproduce exactly are listed by
-:func:`unsupported` and trained by ``train_run``: LoRA, mixup / cutmix, stochastic depth or dropout
+Modes: ``full`` (each member its own backbone) and ``linear`` (frozen backbone: members with the same
+parent share one unbatched backbone, its features computed once per distinct batch; only the heads are
+stacked). Trained alone instead (:func:`unsupported`): LoRA, mixup / cutmix, stochastic depth or dropout
 in the parent architecture, fp16 (GradScaler), optimizers other than adamw/adam/sgd/nesterov.
 
-Known differences (float tolerance, not bitwise): vmap batches matmuls differently, attention is
-computed by the explicit ``softmax(q kᵀ) v`` path inside populations (``FUSED_ATTENTION``: the CPU
-fused kernel ``_scaled_dot_product_flash_attention_for_cpu`` has no vmap batching rule, so under
-vmap it runs once per member in a Python-level fallback loop), and on CUDA ``torch.optim``
-defaults to its multi-tensor (foreach) path, which rounds its intermediate steps differently from
-the single-tensor path reproduced here. Under bf16 autocast these rounding differences are
-amplified (bf16 has 8 mantissa bits); populations and runs then agree statistically, not to fp32
-tolerance. The attention key bias (``qkv.bias[d:2d]``) has an identically zero gradient (softmax is
-invariant to it), so Adam turns its rounding noise into steps of ~lr in either engine: it differs
-between them without changing the function. Bitwise, a member's result may depend on which members
-share its population (the linear probes' backbone runs on their distinct batches concatenated), so
-zoos generated with different process counts or memory-derived population sizes agree to float
-tolerance, not bitwise (a given setup is deterministic).
-
-When: ``auto`` vectorises a group only where it was measured faster (:data:`MIN_POPULATION`, per
-device type and mode; benchmarks/RESULTS.md "ViT fine-tune populations"). The environment
-variable ``VITZOO_POPULATION`` overrides it: ``on`` vectorises every supported group (any size,
-also on CPU; used by the tests), ``off`` trains every run with ``train_run``. Population size
-comes from device memory (:func:`max_population`); a sub-population that runs out of memory is
-halved and its members continue from their last epoch.
+When: ``auto`` stacks a group only where measured faster (:data:`MIN_POPULATION`, per device type and
+mode; benchmarks/RESULTS.md "ViT fine-tune populations"); ``VITZOO_POPULATION=on`` stacks every supported
+group, ``off`` trains every run alone. Population size comes from device memory (:func:`max_population`);
+a sub-population that runs out of memory is halved and its members continue from their last epoch.
+Numerical differences to runs alone (attention path, bf16, float order): docs/training-engine.md.
 """
 
 from __future__ import annotations
