@@ -212,7 +212,8 @@ def test_two_process_launch_shards_into_the_same_zoo(tiny_zoo: Path, tiny_recipe
            "--main_process_port", "0", "-m", "vitzoo", "generate", str(tiny_recipe), "--out", str(out), "--no-progress"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "[0]" in res.stdout and "[1]" in res.stdout, "both processes trained models"
+    lines = res.stdout + res.stderr  # per-model lines are diagnostics: the logger, on stderr
+    assert "[0]" in lines and "[1]" in lines, "both processes trained models"
     one, two = vitzoo.load(tiny_zoo), vitzoo.load(out)
     assert sorted(one.model_ids()) == sorted(two.model_ids())
     assert len(one.index) == len(two.index)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -171,3 +172,34 @@ def test_redirected_cli_style_run_has_no_bar_spam(tmp_path: Path):
     progress_lines = [ln for ln in lines if "zoo:pretrain:" in ln]
     assert 2 <= len(progress_lines) <= 8, lines
     assert "40/40 model (100%)" in progress_lines[-1]
+
+
+def test_generate_into_a_file_leaves_a_readable_log(tmp_path):
+    """`vitzoo generate ... > log.txt 2>&1` off a terminal: plain periodic lines, no bar redraws, one line
+    per finished model."""
+    recipe = Path(__file__).parent / "classic_micro.yaml"
+    out = tmp_path / "zoo"
+    with open(tmp_path / "log.txt", "w") as f:
+        res = subprocess.run([sys.executable, "-m", "vitzoo", "generate", str(recipe), "--out", str(out)],
+                             stdout=f, stderr=subprocess.STDOUT, timeout=600,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "VITZOO_PROGRESS_INTERVAL": "0.5"})
+    text = (tmp_path / "log.txt").read_text()
+    assert res.returncode == 0, text[-2000:]
+    assert "\r" not in text and "\x1b[" not in text and "█" not in text, "no bar redraws in a file"
+    lines = text.splitlines()
+    finished = [ln for ln in lines if ": done epoch 2 test_acc" in ln]
+    assert len(finished) == 16, lines[-20:]
+    assert len(lines) < 120, f"{len(lines)} lines: progress is periodic, not per step"
+    assert not (out / ".partial").exists(), "the per-process log is scratch of an unfinished zoo"
+
+
+def test_an_interrupted_generation_keeps_its_log(tmp_path):
+    from vitzoo.train.generate import generate
+
+    recipe = Path(__file__).parent / "classic_micro.yaml"
+    with pytest.raises(KeyboardInterrupt):
+        generate(recipe, tmp_path / "zoo", progress=False, log=vlog.write, stop_after_epoch=1)
+    kept = (tmp_path / "zoo" / ".partial" / "logs" / "process-0.log").read_text()
+    assert "generating mnist-cnn-s-seed-micro" in kept, kept
+    generate(recipe, tmp_path / "zoo", progress=False, log=vlog.write)
+    assert not (tmp_path / "zoo" / ".partial").exists()

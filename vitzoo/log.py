@@ -158,7 +158,9 @@ def _has_output(lg: logging.Logger, level: int) -> bool:
         return False
     current: logging.Logger | None = lg
     while current is not None:
-        if any(not isinstance(h, logging.NullHandler) and level >= h.level for h in current.handlers):
+        # Log files (the zoo's per-process log, --log-file) are not output the user sees.
+        if any(not isinstance(h, (logging.NullHandler, logging.FileHandler)) and level >= h.level
+               for h in current.handlers):
             return True
         if not current.propagate:
             return False
@@ -175,8 +177,8 @@ def write(msg: str, level: int = logging.INFO, log: logging.Logger | None = None
     line on a terminal (``tqdm.write``); off a terminal it is logged, i.e. silent by default.
     """
     lg = log or logger
+    lg.log(level, msg)  # whatever is configured: the CLI's console, an application's handlers, log files
     if _has_output(lg, level) or not _interactive():
-        lg.log(level, msg)
         return
     from tqdm.auto import tqdm
 

@@ -46,9 +46,9 @@ def cpu_state(m: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def progress_bar(ctx: RunContext, total: int, desc: str, initial: int):
-    """A per-run step bar under the zoo bar, or None when progress is off."""
+    """A step bar under the zoo bar (tqdm on a terminal, periodic log lines otherwise), or None when off."""
     if not ctx.progress:
         return None
-    from tqdm.auto import tqdm
+    from vitzoo import log
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False, position=1, dynamic_ncols=True)
+    return log.progress(total, desc, initial=initial, unit="step", leave=False, position=1, dynamic_ncols=True)

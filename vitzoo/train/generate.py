@@ -10,11 +10,12 @@ continues unfinished ones; a different recipe under an existing zoo is refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -59,11 +60,11 @@ def check_target(out: Path, recipe: Recipe) -> bool:
 
 
 def _print(msg: str) -> None:
-    """One line per finished model: above the progress bars, flushed (visible at once in `tail -f`)."""
-    from tqdm.auto import tqdm
+    """One line per finished model: above the progress bars on a terminal, through the ``vitzoo`` logger
+    otherwise (the CLI's handler, the zoo's per-process log file)."""
+    from vitzoo import log
 
-    tqdm.write(msg)
-    sys.stdout.flush()
+    log.write(msg)
 
 
 def generate(recipe_path: str | Path, out: str | Path, *, progress: bool = True, max_runs: int | None = None,
@@ -94,14 +95,36 @@ def generate(recipe_path: str | Path, out: str | Path, *, progress: bool = True,
             _write_recipe(out, recipe)
             write_json(out / "zoo.json", _zoo_json(recipe, plan, state.num_processes, status="generating"))
     state.wait_for_everyone()
+    from vitzoo import log as vlog
+
+    # Every process keeps its own log of the generation in the zoo (not pushed), whatever the console shows.
+    handler = vlog.add_log_file(out / ".partial" / "logs" / f"process-{state.process_index}.log", level=logging.INFO)
+    vlog.logger.info("%s %s into %s: %d runs in %d stages, process %d of %d", "resuming" if resuming else "generating",
+                     recipe.name, out, len(plan.runs), len(recipe.stages), state.process_index + 1,
+                     state.num_processes)
     try:
-        return _train_all(recipe, plan, out, state, cache, progress, max_runs, log, stop_after_epoch, t0)
+        result = _train_all(recipe, plan, out, state, cache, progress, max_runs, log, stop_after_epoch, t0)
     except Exception:
         # A zoo this call created and in which nothing finished is removed: no half-written zoo is left
         # behind, and a corrected recipe is not refused as "different" next time.
         if created and state.is_main_process and not any(out.glob("models/*/run.json")):
+            vlog.logger.removeHandler(handler)
+            handler.close()
             shutil.rmtree(out, ignore_errors=True)
         raise
+    finally:
+        vlog.logger.removeHandler(handler)
+        handler.close()
+    # The logs are kept while the zoo is unfinished (an interrupted or partial generation); a complete
+    # zoo has no .partial folder left.
+    if json.loads((out / "zoo.json").read_text()).get("status") == "complete":
+        Path(handler.baseFilename).unlink(missing_ok=True)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            for d in (out / ".partial" / "logs", out / ".partial"):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+    return result
 
 
 def _preflight(plan: Plan, cache, recipe: Recipe) -> None:
@@ -225,9 +248,9 @@ def _summary(info: dict[str, Any]) -> str:
 def _zoo_bar(ctx, total: int, stage: str):
     if not ctx.progress:
         return None
-    from tqdm.auto import tqdm
+    from vitzoo import log
 
-    return tqdm(total=total, desc=f"zoo:{stage}", unit="model", position=0, dynamic_ncols=True)
+    return log.progress(total, f"zoo:{stage}", unit="model", position=0, dynamic_ncols=True)
 
 
 __all__ = ["generate", "check_target", "ZooConflictError", "RecipeError"]
