@@ -1,6 +1,6 @@
-"""The 27 classic zoo recipes expand to the model counts of the reference (zoos.md §1).
+"""The 27 classic zoo recipes expand to the model counts of the reference (docs/reference-zoos.md).
 
-Counts are derived from zoos.md's grids: Hyp zoos are the full grid x 10 seeds,
+Counts are derived from the reference's grids: Hyp zoos are the full grid x 10 seeds,
 MNIST/F-MNIST/USPS/STL-10: 4 activations x 2 dropouts x 4 inits x 2 optimizers x 2 lr x 2 wd = 256
 configs (2,560 models); CIFAR-10 fixes lr (1,280); SVHN is SGD only with 3 dropouts x 3 lr x 3 wd
 (4,320). Seed zoos: 1,000. The total is the reference's 50,360 models.
@@ -8,7 +8,7 @@ configs (2,560 models); CIFAR-10 fixes lr (1,280); SVHN is SGD only with 3 dropo
 Ambiguities of the reference, decided in the recipes and noted in their headers: the CNN-m Hyp
 zoos on STL-10 use the STL-10 grid (wd {1e-2, 1e-3}); CIFAR-10/STL-10 CNN-s see RGB at 28 px;
 the val split of the ResNet zoos on CIFAR-100 / Tiny-ImageNet is not given (10% carved, seed 42);
-zoos.md's state total (2,585,360) is 3,000 below 51 states per CNN model + 51/61/61 per ResNet
+The reference's state total (2,585,360) is 3,000 below 51 states per CNN model + 51/61/61 per ResNet
 model, i.e. the published ResNet zoos seem to miss one state per model; ours keep epoch 0.
 """
 
@@ -53,7 +53,7 @@ EXPECTED = {
     "tinyimagenet-resnet18-seed": 1000,
 }
 
-#: Seed-zoo settings of zoos.md §1: (activation, init, lr, weight decay).
+#: Seed-zoo settings of docs/reference-zoos.md#seed-zoos: (activation, init, lr, weight decay).
 SEED_SETTINGS = {
     "mnist": ("tanh", "U", 3e-4, 0.0), "fmnist": ("tanh", "U", 3e-4, 0.0), "svhn": ("tanh", "U", 3e-3, 0.0),
     "usps": ("tanh", "U", 3e-4, 1e-3), "cifar10": ("gelu", "KU", 1e-4, 1e-2), "stl10": ("tanh", "KU", 1e-4, 1e-3),

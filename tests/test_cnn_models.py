@@ -1,4 +1,4 @@
-"""The classic zoo architectures match the reference (zoos.md §1) and load legacy checkpoints."""
+"""The classic zoo architectures match the reference (docs/reference-zoos.md#architectures) and load legacy checkpoints."""
 
 from __future__ import annotations
 

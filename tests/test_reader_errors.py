@@ -38,3 +38,31 @@ def test_tampered_file_is_never_used(tiny_zoo: Path, tmp_path: Path) -> None:
     with pytest.raises(ZooError, match="sha256 .* does not match the index"):
         zoo.state_dict(mid)
     zoo.state_dict(mid, epoch=0)  # the model's other file is intact and still readable
+
+
+def test_filter_keeps_states_models_where_keeps_models(tiny_zoo: Path) -> None:
+    zoo = vitzoo.load(tiny_zoo)
+    final = zoo.filter(stage="finetune").models.iloc[0]
+    mid, loss = final["model_id"], final["train_loss"]
+    by_metric = {"train_loss": lambda v: v == loss}  # true of mid's final state only
+
+    states = zoo.filter(**by_metric)  # filter(): the matching states
+    assert states.epochs(mid) == [2]
+    with pytest.raises(ZooError, match=r"epoch 0 is not in this view, which holds its epochs \[2\] "
+                                       r"\(the zoo saved \[0, 1, 2\]\).*models_where"):
+        states.weights(mid, epoch=0)
+
+    models = zoo.models_where(stage="finetune", **by_metric)  # models_where(): whole models
+    assert models.model_ids() == [mid] and models.epochs(mid) == [0, 1, 2]
+    assert models.weights(mid, epoch=0).equal(zoo.weights(mid, epoch=0))
+    assert zoo.models_where(stage="finetune", epochs=(1, 2)).epochs(mid) == [1, 2]
+    assert zoo.filter(model_id=[mid]).epochs(mid) == [0, 1, 2]  # given models, all their states
+    # factors are the same in every state: both agree
+    assert zoo.models_where(stage="finetune").index.equals(zoo.filter(stage="finetune").index)
+
+    early = zoo.filter(epochs=(0, 0)).models_where(**by_metric)  # tested on the final state, even when
+    assert early.model_ids() == [mid] and early.epochs(mid) == [0]  # the view lacks it
+    with pytest.raises(ZooError, match=r"final state is not in this view, which holds its epochs \[0\]"):
+        early.weights(mid)
+    with pytest.raises(ZooError, match="filter: no column 'colour'"):
+        zoo.models_where(colour="red")

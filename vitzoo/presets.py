@@ -30,7 +30,7 @@ VIT_DEFAULT_IMG_SIZE = {"mu": 32}
 #: Aliases users type instead of the "<size>/<patch>" form.
 VARIANT_ALIASES = {"micro": "mu/4", "tiny": "Ti/16", "small": "S/16", "base": "B/16"}
 
-#: Classic zoo architectures (../shared/reference/zoos.md §1); built by vitzoo.models.cnn.
+#: Classic zoo architectures (docs/reference-zoos.md#architectures); built by vitzoo.models.cnn.
 CNN_VARIANTS = ("cnn-s", "cnn-m", "resnet18")
 
 _VIT_RE = re.compile(r"^(?P<size>[A-Za-z]+)/(?P<patch>\d+)$")
@@ -51,7 +51,7 @@ def known_variants() -> list[str]:
 
 #: Augmentation levels built from timm's pieces. Keys are fields of recipe.AugConfig.
 #: ``rand_augment`` is a timm RandAugment config string (timm.data.auto_augment).
-#: "strong" is the reference ViT zoo's supervised recipe (zoos.md §2), with the arguments in the
+#: "strong" is the reference ViT zoo's supervised recipe (docs/reference-zoos.md#vit-zoo), with the arguments in the
 #: intended order.
 AUG_LEVELS: dict[str, dict[str, Any]] = {
     "none": dict(

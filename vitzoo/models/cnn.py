@@ -1,4 +1,4 @@
-"""The classic zoo architectures: CNN-s, CNN-m and the CIFAR ResNet-18 (zoos.md §1).
+"""The classic zoo architectures: CNN-s, CNN-m and the CIFAR ResNet-18 (docs/reference-zoos.md#architectures).
 
 Why these exact layouts: the published Model Zoos (NeurIPS 2022) ship checkpoints whose state
 dicts are keyed ``module_list.{i}.weight|bias``, where ``i`` counts *every* layer of an

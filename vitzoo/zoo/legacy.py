@@ -1,6 +1,6 @@
 """Convert a zoo in the original Ray Tune layout (Model Zoos, NeurIPS 2022) into the vitzoo format.
 
-Legacy layout (``shared/reference/zoos.md`` §1)::
+Legacy layout (``docs/reference-zoos.md#published-layout``)::
 
     <zoo>/NN_tune_trainable_<hash>_<i>_<factors>_<date>/
         params.json                 flat keys: "model::nlin", "optim::lr", "seed", ...

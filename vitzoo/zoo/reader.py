@@ -101,6 +101,9 @@ class Zoo:
         self.index = index if index is not None else read_index(source.local_path(INDEX_FILE))
         self._verified: set[str] = _verified if _verified is not None else set()  # shared by filtered views
         self._configs: dict[str, dict[str, Any]] = {}
+        #: The whole zoo's index (a view's differs from ``index``): what ``models_where`` tests and
+        #: what errors compare a view with.
+        self._zoo_index: pd.DataFrame = self.index
 
     def __repr__(self) -> str:
         counts = self.models.groupby("stage").size().to_dict() if len(self.index) else {}
@@ -138,37 +141,51 @@ class Zoo:
 
     # ------------------------------------------------------------------ selection
     def filter(self, *, epochs: tuple[int, int] | None = None, final: bool | None = None, **conds: Any) -> Zoo:
-        """A Zoo restricted by generating factors, stage, metrics or epochs; reads no weights.
+        """The saved *states* that match, as a Zoo view; reads no weights.
 
         ``zoo.filter(stage="finetune", lr=1e-3, head=["linear", "mlp"], test_acc=lambda a: a > .5,
         epochs=(0, 10))``. Keys are index columns or the recipe's axis aliases (``lr``, ``head``...);
         values are a scalar, a list (any of), or a predicate on the column. On a list-valued column
         (``grid_factors``, ``finetune.lora_targets``) a scalar keeps the rows whose list contains it
         and a list the rows whose list equals it.
+
+        Every condition is tested on every row, and the index has one row per saved state: a
+        generating factor (``stage``, ``lr``, ``head``...) is the same in all states of a model, but a
+        metric is not, so ``filter(test_acc=lambda a: a > .5)`` keeps only the states above 0.5 (the
+        epoch-0 state of a good model is dropped). To select *models* by their final metrics and keep
+        all their states, use :meth:`models_where`; to keep given models, ``filter(model_id=[...])``.
         """
         df = self.index
         for key, want in conds.items():
-            col = key if key in df.columns else AXIS_ALIASES.get(key, key)
-            if col not in df.columns:
-                raise ZooError(f"filter: no column {key!r}; columns: {', '.join(df.columns)}")
-            if callable(want):
-                mask = df[col].map(lambda v, f=want: bool(f(v)))
-            elif _is_list_column(df[col]):  # a scalar: rows whose list holds it; a list: rows with that list
-                if isinstance(want, (list, tuple)):
-                    mask = df[col].map(lambda v, w=list(want): isinstance(v, list) and v == w)
-                else:
-                    mask = df[col].map(lambda v, w=want: isinstance(v, list) and w in v)
-            elif isinstance(want, (list, tuple, set)):
-                mask = df[col].isin(list(want))
-            else:
-                mask = df[col] == want
-            df = df[mask]
+            df = df[_condition_mask(df, key, want)]
         if epochs is not None:
             df = df[(df["epoch"] >= epochs[0]) & (df["epoch"] <= epochs[1])]
         if final is not None:
             df = df[df["final"] == final]
+        return self._view(df)
+
+    def models_where(self, *, epochs: tuple[int, int] | None = None, **conds: Any) -> Zoo:
+        """The *models* whose final state matches, with all their saved states, as a Zoo view.
+
+        ``zoo.models_where(stage="finetune", test_acc=lambda a: a > .5)`` keeps the fine-tuned
+        models whose final test accuracy is above 0.5, each with every state this view holds
+        (epoch 0 included). Conditions are those of :meth:`filter`, tested on each model's final
+        state in the whole zoo (also when this view lacks it); ``epochs=(lo, hi)`` then keeps only
+        the states in that range.
+        """
+        finals = self._zoo_index[self._zoo_index["final"]
+                                 & self._zoo_index["model_id"].isin(set(self.index["model_id"]))]
+        for key, want in conds.items():
+            finals = finals[_condition_mask(finals, key, want)]
+        df = self.index[self.index["model_id"].isin(set(finals["model_id"]))]
+        if epochs is not None:
+            df = df[(df["epoch"] >= epochs[0]) & (df["epoch"] <= epochs[1])]
+        return self._view(df)
+
+    def _view(self, df: pd.DataFrame) -> Zoo:
         view = Zoo(self.source, df.reset_index(drop=True), self._verified)
         view._configs = self._configs
+        view._zoo_index = self._zoo_index
         return view
 
     # ------------------------------------------------------------------ weights
@@ -189,12 +206,18 @@ class Zoo:
         if epoch is None:
             rows = rows[rows["final"]]
             if rows.empty:
-                raise ZooError(f"model {model_id!r}: its final state is not in this view")
+                raise ZooError(f"model {model_id!r}: its final state is not in this view, which holds its "
+                               f"epochs {self.epochs(model_id)}; pass an epoch, or select with zoo.models_where(...)")
         else:
             rows = rows[rows["epoch"] == epoch]
             if rows.empty:
-                raise ZooError(f"model {model_id!r} has no saved state at epoch {epoch}; saved: "
-                               f"{self.epochs(model_id)}")
+                here = self.epochs(model_id)
+                saved = sorted(self._zoo_index.loc[self._zoo_index["model_id"] == model_id, "epoch"].tolist())
+                if saved == here:
+                    raise ZooError(f"model {model_id!r} has no saved state at epoch {epoch}; saved: {saved}")
+                raise ZooError(f"model {model_id!r}: its state at epoch {epoch} is not in this view, which holds "
+                               f"its epochs {here} (the zoo saved {saved}); filter() keeps the states that match "
+                               f"every condition: zoo.models_where(...) keeps whole models")
         return rows.iloc[0]
 
     def verified_path(self, row: pd.Series) -> Path:
@@ -365,9 +388,25 @@ class Zoo:
         return self.token_layout(model_id, epoch, token_size=size, layers=layers).detokenize(tokens, positions)
 
     def layer_stats(self, states=None, *, percentiles=(0, 25, 50, 75, 100), layers=None, long: bool = False):
-        """Per-tensor mean, var and percentiles of each state (zoos.md §4) as a DataFrame."""
+        """Per-tensor mean, var and percentiles of each state (docs/reference-zoos.md#weight-space-baseline) as a DataFrame."""
         zoo, states = self._reader_for(states)
         return weights.layer_stats(zoo, states, percentiles=percentiles, layers=layers, long=long)
+
+
+def _condition_mask(df: pd.DataFrame, key: str, want: Any) -> pd.Series:
+    """The rows of ``df`` that satisfy one ``filter`` condition (see :meth:`Zoo.filter`)."""
+    col = key if key in df.columns else AXIS_ALIASES.get(key, key)
+    if col not in df.columns:
+        raise ZooError(f"filter: no column {key!r}; columns: {', '.join(df.columns)}")
+    if callable(want):
+        return df[col].map(lambda v, f=want: bool(f(v))).astype(bool)
+    if _is_list_column(df[col]):  # a scalar: rows whose list holds it; a list: rows with that list
+        if isinstance(want, (list, tuple)):
+            return df[col].map(lambda v, w=list(want): isinstance(v, list) and v == w).astype(bool)
+        return df[col].map(lambda v, w=want: isinstance(v, list) and w in v).astype(bool)
+    if isinstance(want, (list, tuple, set)):
+        return df[col].isin(list(want))
+    return df[col] == want
 
 
 def _is_list_column(col: pd.Series) -> bool:

@@ -57,7 +57,7 @@ and ``mask [n_tokens, token_size]`` (bool, True where a value is real, False for
 
 Layer statistics
 ----------------
-Per state and per tensor (so weights and biases of a layer separately, zoos.md §4): mean, variance
+Per state and per tensor (so weights and biases of a layer separately, docs/reference-zoos.md#weight-space-baseline): mean, variance
 (population, ddof=0) and percentiles 0/25/50/75/100 (numpy's linear interpolation), computed in
 float64; one row per state (wide) or per state x tensor (``long=True``).
 """
