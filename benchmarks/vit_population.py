@@ -50,7 +50,7 @@ def recipe(args: argparse.Namespace, p: int, mode: str) -> dict[str, Any]:
 def run(args: argparse.Namespace, p: int, mode: str, work: Path) -> dict[str, float]:
     from vitzoo.plan import expand
     from vitzoo.recipe import load_recipe
-    from vitzoo.train import vit_population
+    from vitzoo.train import routing, vit_population
     from vitzoo.train.context import RunContext
     from vitzoo.train.engine import train_run
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, p: int, mode: str, work: Path) -> dict[str, fl
     out: dict[str, float] = {}
     for name, fn in (("one", lambda: [train_run(s, ctx_a) for s in runs]),
                      ("pop", lambda: list(vit_population.train_stage(runs, ctx_b)))):
-        os.environ[vit_population.ENV_SWITCH] = "on" if name == "pop" else "off"
+        os.environ[routing.ENV_SWITCH] = "on" if name == "pop" else "off"
         w, c = time.perf_counter(), time.process_time()
         infos = fn()
         if dev.type == "cuda":

@@ -22,6 +22,7 @@ import yaml
 from vitzoo.data.pipeline import DataCache
 from vitzoo.plan import RunSpec, expand
 from vitzoo.recipe import recipe_from_dict
+from vitzoo.train import routing
 from vitzoo.train import sparsify_population as spp
 from vitzoo.train.context import RunContext
 from vitzoo.train.engine import Member
@@ -271,12 +272,12 @@ def test_generate_routes_twins_by_architecture_and_population_size(parents: Path
         init(self, part, ctx)
 
     monkeypatch.setattr(spp._TwinPopulation, "__init__", spy)
-    # auto on CPU: 4 twins are below MIN_POPULATION['cpu'] (not faster stacked): one by one
-    assert spp.MIN_POPULATION["cpu"] > 4
+    # auto on CPU: 4 twins are below the measured threshold (not faster stacked): one by one
+    assert routing.MIN_STACK[("cpu", "twin")] > 4
     ctx = _zoo(parents, tmp_path / "a")
     assert len(list(_train_stage(recipe.stages[1], specs[:2], ctx))) == 2 and calls == []
     # a lower threshold: the same stage goes to the population engine (finished twins are skipped)
-    monkeypatch.setitem(spp.MIN_POPULATION, "cpu", 2)
+    monkeypatch.setitem(routing.MIN_STACK, ("cpu", "twin"), 2)
     infos = list(_train_stage(recipe.stages[1], specs, ctx))
     assert calls == [2] and len(infos) == 4 and all(i["status"] == "done" for i in infos)
     # what stays one by one

@@ -23,7 +23,7 @@ import yaml
 from vitzoo.models import vit
 from vitzoo.plan import RunSpec, expand
 from vitzoo.recipe import load_recipe
-from vitzoo.train import vit_population
+from vitzoo.train import routing, vit_population
 from vitzoo.train.context import RunContext
 from vitzoo.train.engine import train_run
 from vitzoo.zoo.reader import LocalSource, read_state
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def _population_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(vit_population.ENV_SWITCH, "on")
+    monkeypatch.setenv(routing.ENV_SWITCH, "on")
 
 
 def _recipe(tmp: Path, finetune: dict[str, Any]) -> list[RunSpec]:

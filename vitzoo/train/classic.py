@@ -4,8 +4,8 @@
 (:func:`~vitzoo.train.population_adapter.unsupported` is empty) are grouped by the plan's
 :func:`~vitzoo.plan.populations` (same architecture shape, data, duration, schedule), then by update rule
 and architecture options, and by the epoch they resume after; each group is split into balanced
-sub-populations sized from device memory. A sub-population large enough to pay (``MIN_POPULATION`` per
-device, ``VITZOO_POPULATION`` overrides) is a :class:`CnnStack` driven by the engine's one epoch loop
+sub-populations sized from device memory. A sub-population large enough to pay (:mod:`vitzoo.train.routing`:
+measured thresholds, the ``VITZOO_POPULATION`` switch) is a :class:`CnnStack` driven by the engine's one epoch loop
 (:func:`vitzoo.train.engine.train_group`); any other run is trained alone by the same loop
 (:func:`vitzoo.train.engine.train_run`). Either way a model's folder, history and resume point are the same.
 
@@ -30,6 +30,7 @@ from torch import Tensor
 
 from vitzoo.data.pipeline import preprocessing_for
 from vitzoo.plan import RunSpec
+from vitzoo.train import routing
 from vitzoo.train.build import build_cnn_run, make_optimizer
 from vitzoo.train.checkpoint import restore, resume_epoch
 from vitzoo.train.context import Built, RunContext
@@ -37,15 +38,11 @@ from vitzoo.train.engine import Member, train_group, train_run
 from vitzoo.train.evaluate import TRAIN_EVAL_CAP
 from vitzoo.train.feed import crop_flip, device_augment
 from vitzoo.train.population import (
-    AUTO_VECTORISED_ARCHS,
-    MIN_POPULATION,
-    VECTORISED_ARCHS,
     CnnPopulation,
     activation_bytes_per_sample,
     balanced_chunks,
     eval_chunk,
     max_population_size,
-    population_switch,
     probe,
 )
 from vitzoo.train.population_adapter import member_from_run, split_runs, unsupported
@@ -61,7 +58,7 @@ _DROPOUT_STREAM = 0xC1A5
 
 def train_stage(runs: list[RunSpec], ctx: RunContext) -> Iterator[dict[str, Any]]:
     """Train a CNN stage's runs (this process's shard); yields each run.json content as it is finished."""
-    switch = population_switch()
+    switch = routing.switch()
     stacked = [r for r in runs if not unsupported(r)]
     for group in split_runs(stacked):
         yield from _train_group(group, ctx, switch)
@@ -76,11 +73,10 @@ def _train_group(runs: list[RunSpec], ctx: RunContext, switch: str) -> Iterator[
     if not pending:
         return
     arch = pending[0].config.model.variant  # type: ignore[union-attr]
-    archs = VECTORISED_ARCHS if switch == "on" else AUTO_VECTORISED_ARCHS
-    if switch == "off" or arch not in archs:
+    least = routing.least_stack(ctx.device.type, "resnet18" if arch == "resnet18" else "cnn", switch)
+    if least is None:
         yield from (train_run(s, ctx) for s in pending)
         return
-    least = 1 if switch == "on" else MIN_POPULATION.get(ctx.device.type, 2)
     subgroups: dict[tuple[Any, ...], list[RunSpec]] = {}
     for r in pending:  # one forward (activation, dropout), one update rule, one resume epoch
         m = member_from_run(r)

@@ -149,10 +149,10 @@ INDEX_REFRESH_S = 60.0
 def _train_stage(stage, runs, ctx) -> Iterator[dict[str, Any]]:
     """This process's runs of one stage, trained by the engine that fits; yields each run.json."""
     if stage.sparsify is not None:  # sparsified twins: CNN-s/CNN-m twins as populations, the rest one by one
-        from vitzoo.train.population import population_switch
+        from vitzoo.train import routing
         from vitzoo.train.sparsify_population import train_sparsify_stage
 
-        switch = population_switch()
+        switch = routing.switch()
         return train_sparsify_stage(runs, ctx, mode="sequential" if switch == "off" else "auto",
                                     min_population=1 if switch == "on" else None)
     if stage.model is not None and not stage.model.is_vit:  # classic CNN stages: populations

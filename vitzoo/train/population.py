@@ -12,8 +12,7 @@ and its step (the functional update of :mod:`vitzoo.train.functional_optim`: Ada
 per-model lr / weight decay / momentum / clipping; a device-side mask freezes a model whose loss or
 gradient turns non-finite, no host sync), evaluation and states. The engine drives it through
 :class:`vitzoo.train.classic.CnnStack`; which groups are stacked is decided there, from the constants
-here (:data:`AUTO_VECTORISED_ARCHS`, :data:`MIN_POPULATION`, :data:`CPU_MAX_POPULATION`,
-:func:`max_population_size`, the ``VITZOO_POPULATION`` switch). The numerical differences to a model
+here and in :mod:`vitzoo.train.routing` (thresholds, the ``VITZOO_POPULATION`` switch). The numerical differences to a model
 trained alone are listed in docs/training-engine.md.
 """
 
@@ -32,40 +31,12 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from vitzoo.models.cnn import build_cnn
 from vitzoo.train import functional_optim as fopt
+from vitzoo.train import routing
 
 EvalSets = dict[str, tuple[Tensor, Tensor]]
 
 #: Architectures the vectorised engine can train (ResNet-18: batchnorm statistics stacked per model).
 VECTORISED_ARCHS = ("cnn-s", "cnn-m", "resnet18")
-#: Those ``auto`` mode vectorises. ResNet-18 is not among them until measured on a GPU: an 11M-parameter
-#: model at batch 128-256 is not launch-bound as CNN-s at batch 10 is, so stacking may not pay
-#: (``mode="population"`` / ``VITZOO_POPULATION=on`` force it; benchmarks/population.py --arch resnet18).
-AUTO_VECTORISED_ARCHS = ("cnn-s", "cnn-m")
-
-#: Environment switch read by every population engine (classic groups, sparsified twins, ViT fine-tunes):
-#: ``auto`` (default: vectorise where measured faster), ``on`` (vectorise every group the engine supports,
-#: whatever its size, architecture or device: for measuring new hardware), ``off`` (everything one by one).
-ENV_SWITCH = "VITZOO_POPULATION"
-
-
-def population_switch() -> str:
-    """``auto``, ``on`` or ``off`` from :data:`ENV_SWITCH` (an invalid value is an error naming it)."""
-    v = os.environ.get(ENV_SWITCH, "auto").strip().lower() or "auto"
-    if v not in ("auto", "on", "off"):
-        raise ValueError(f"{ENV_SWITCH}={v!r}; allowed: auto, on, off")
-    return v
-
-
-#: Smallest group that ``auto`` mode vectorises, per device type. Measured on a shared 2-core CPU,
-#: one thread (benchmarks/RESULTS.md): per-model step time 3.4 ms at 2 models, 2.2 ms at 8 (no
-#: better than a plain step, 2.0-2.4 ms), 1.7 ms at 16, 1.4 ms at 32-128. On GPUs 2+ gains.
-MIN_POPULATION = {"cpu": 16, "cuda": 2}
-
-#: Largest sub-population on CPU: the step is memory-bandwidth bound there, and the per-model
-#: step time is flat from ~32 to ~128 models and worse beyond (activations leave the caches).
-CPU_MAX_POPULATION = 64
-
-
 #: Update rules the vectorised engine reproduces (the recipe names of vitzoo.presets.OPTIMIZERS).
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
 
@@ -152,7 +123,7 @@ def max_population_size(arch: str, in_chans: int, num_classes: int, batch_size: 
     per_model = 6 * sum(p.numel() * 4 for p in m.parameters())
     per_model += 3 * batch_size * activation_bytes_per_sample(m, (in_chans, img, img))
     if dev.type == "cpu":
-        cap = min(cap, CPU_MAX_POPULATION)
+        cap = routing.cpu_cap("cpu", "resnet18" if arch == "resnet18" else "cnn", cap)
     return int(max(1, min(cap, fraction * free_bytes(dev) // max(per_model, 1))))
 
 

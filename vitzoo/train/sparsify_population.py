@@ -13,10 +13,10 @@ checkpoints and the resume points (the format of a twin trained alone: either pa
 
 Groups: twins whose parents share the network shape and whose stage settings share data, duration,
 batch size, schedule, checkpoints, update rule and threshold (:func:`group_key`), split into balanced
-sub-populations sized from device memory (at most :data:`CPU_MAX_POPULATION` on CPU), halved on out of
+sub-populations sized from device memory (capped on CPU, :mod:`vitzoo.train.routing`), halved on out of
 memory, and by resume epoch. Trained alone (the engine's ``train_run``): twins of ResNet-18 and ViTs,
 optimizers other than Adam/AdamW/SGD/Nesterov, and in ``auto`` groups smaller than
-:data:`MIN_POPULATION` (benchmarks/RESULTS.md, "Sparsified twins as populations"). ``noise=False``
+:mod:`vitzoo.train.routing`'s threshold (benchmarks/RESULTS.md, "Sparsified twins as populations"). ``noise=False``
 (tests only) trains on the mean of the local reparameterisation, which makes the two paths comparable
 to float tolerance. Numerical differences to twins trained alone: docs/training-engine.md.
 """
@@ -39,6 +39,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from vitzoo.models import cnn_variant
 from vitzoo.plan import RunSpec, canonical_json
+from vitzoo.train import routing
 from vitzoo.train.build import load_parent
 from vitzoo.train.checkpoint import finish_run, restore
 from vitzoo.train.context import RunContext
@@ -69,19 +70,6 @@ VECTORISED_ARCHS = ("cnn-s", "cnn-m")
 
 #: Recipe optimizer names the functional update reproduces (timm: Adam, AdamW, SGD momentum / Nesterov).
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
-
-#: Smallest group of twins that ``auto`` mode vectorises, per device type. CPU: measured on a shared
-#: 2-core CPU, one thread, CNN-s twins at batch 10 (benchmarks/RESULTS.md, "Sparsified twins as
-#: populations", four runs): per-twin step 4.2-6.2 ms one by one; stacked 7.5-8.6 ms for 1 twin,
-#: 5.4-6.8 at 2, 3.7-4.3 at 4 (1.0-1.2x: within the noise), 2.9-3.5 at 8, 2.5-3.3 at 16. CUDA: not
-#: measured (no GPU was available); 2, like the main population engine, whose tiny CNN steps are
-#: launch-bound there.
-MIN_POPULATION = {"cpu": 8, "cuda": 2}
-
-#: Largest sub-population on CPU: per-twin step 2.5-3.3 ms at 16 twins, 3.2-3.5 at 32, 3.0-3.4 at 64
-#: (same runs): no gain beyond 16 (a twin's activations are ~3x a plain CNN-s's; the step is
-#: memory-bound); balanced chunks of at most 16 are never smaller than 8 for a group of 8 or more.
-CPU_MAX_POPULATION = 16
 
 #: Bytes of activations one vectorised evaluation chunk may use, per device type. On CPU a chunk that
 #: stays in the caches is fastest (measured, 16-64 twins: 53-57 us per twin-sample at 16 MB, 91-96 at
@@ -130,7 +118,7 @@ def train_sparsify_stage(runs: list[RunSpec], ctx: RunContext, *, mode: str = "a
     as soon as it is finished (a finished one from an earlier attempt at once).
 
     ``mode``: ``auto`` (vectorise groups of CNN-s/CNN-m twins of at least ``min_population``, default
-    :data:`MIN_POPULATION` for the device; the rest one by one), ``population`` (vectorise every
+    :mod:`vitzoo.train.routing`'s threshold for the device; the rest one by one), ``population`` (vectorise every
     supported twin, even alone; error for an unsupported one) or ``sequential`` (all one by one).
     ``max_population`` caps a sub-population (default: from device memory, at most 16 on CPU).
     ``noise=False``: tests only (see the module docstring).
@@ -159,7 +147,7 @@ def train_sparsify_stage(runs: list[RunSpec], ctx: RunContext, *, mode: str = "a
             alone.append(spec)  # its parent state is dropped here (a ViT's can be large) and reloaded later
             continue
         groups.setdefault(group_key(spec, pcfg), []).append((spec, (pcfg, state)))
-    least = 1 if mode == "population" else (min_population or MIN_POPULATION.get(ctx.device.type, 2))
+    least = 1 if mode == "population" else (min_population or routing.least_stack(ctx.device.type, "twin", "auto"))
     for items in groups.values():
         pcfg = items[0][1][0]
         cap = max_population or _max_population(items[0][0], pcfg, ctx.device)
@@ -179,7 +167,7 @@ def _max_population(spec: RunSpec, pcfg: dict[str, Any], device: torch.device) -
     args = pcfg.get("model_args") or {}
     n = max_population_size(str(cnn_variant(pcfg["architecture"])), int(args.get("in_chans", 3)),
                             int(pcfg["num_classes"]), spec.config.batch_size, device, fraction=0.25)
-    return min(n, CPU_MAX_POPULATION) if device.type == "cpu" else n
+    return routing.cpu_cap(device.type, "twin", n)
 
 
 # --------------------------------------------------------------------------- members and their files

@@ -18,7 +18,7 @@ parent share one unbatched backbone, its features computed once per distinct bat
 stacked). Trained alone instead (:func:`unsupported`): LoRA, mixup / cutmix, stochastic depth or dropout
 in the parent architecture, fp16 (GradScaler), optimizers other than adamw/adam/sgd/nesterov.
 
-When: ``auto`` stacks a group only where measured faster (:data:`MIN_POPULATION`, per device type and
+When: ``auto`` stacks a group only where measured faster (:mod:`vitzoo.train.routing`, per device type and
 mode; benchmarks/RESULTS.md "ViT fine-tune populations"); ``VITZOO_POPULATION=on`` stacks every supported
 group, ``off`` trains every run alone. Population size comes from device memory (:func:`max_population`);
 a sub-population that runs out of memory is halved and its members continue from their last epoch.
@@ -46,7 +46,7 @@ from vitzoo.data.pipeline import train_loader
 from vitzoo.models import cnn_variant
 from vitzoo.plan import RunSpec, canonical_json, population_key
 from vitzoo.train import functional_optim as fopt
-from vitzoo.train import population
+from vitzoo.train import routing
 from vitzoo.train.build import amp_dtype, build_run, load_parent, make_optimizer
 from vitzoo.train.checkpoint import restore, resume_epoch
 from vitzoo.train.context import Built, RunContext
@@ -57,27 +57,6 @@ from vitzoo.train.population import activation_bytes_per_sample, balanced_chunks
 from vitzoo.train.schedule import lr_schedule
 from vitzoo.train.seeds import seed_module_rngs
 from vitzoo.zoo.writer import RunWriter
-
-#: The shared environment switch (:data:`vitzoo.train.population.ENV_SWITCH`): ``on`` (vectorise every
-#: supported group, whatever its size or device),
-#: ``off`` (every run through ``train_run``), unset or ``auto`` (:data:`MIN_POPULATION`).
-ENV_SWITCH = population.ENV_SWITCH
-
-#: Smallest group ``auto`` vectorises, per (device type, fine-tuning mode); None = never.
-#: CPU, one thread (benchmarks/RESULTS.md, end to end per model): full fine-tunes of a micro ViT are
-#: slower stacked (0.76-1.09x at 16 px, 0.46-0.75x at 32 px: compute bound, and no fused attention
-#: under vmap), linear probes faster from 2 members on (1.2-3.2x: the frozen backbone runs once per
-#: evaluation batch for all members and once per distinct training batch). CUDA is not measured yet.
-#: Full fine-tunes stay one by one there: populations use the explicit attention path, not the fused
-#: (flash) kernel a single run gets, and a ViT at batch 128-256 is not launch-bound; linear probes
-#: vectorise (the frozen backbone runs once per evaluation batch for all members, fewer FLOPs on any
-#: device). `benchmarks/vit_population.py` on a GPU decides both; VITZOO_POPULATION=on forces.
-MIN_POPULATION: dict[tuple[str, str], int | None] = {
-    ("cpu", "full"): None, ("cpu", "linear"): 2, ("cuda", "full"): None, ("cuda", "linear"): 2,
-}
-
-#: Largest sub-population on CPU (the largest measured; still 2.4x for linear probes).
-CPU_MAX_POPULATION = 16
 
 #: Use ``F.scaled_dot_product_attention`` inside populations. False: vmap has no batching rule for the
 #: CPU flash kernel (it falls back to a per-member loop); the explicit path batches everywhere.
@@ -130,9 +109,6 @@ def unsupported(spec: RunSpec, parent_config: dict[str, Any] | None = None) -> l
     return out
 
 
-_switch = population.population_switch
-
-
 # ---------------------------------------------------------------------------- stage entry point
 
 
@@ -144,7 +120,7 @@ def train_stage(runs: list[RunSpec], ctx: RunContext) -> Iterator[dict[str, Any]
     ``auto`` (or ``VITZOO_POPULATION=on``) vectorises is trained as populations; every other run
     goes through ``train_run``, in plan order.
     """
-    switch = _switch()
+    switch = routing.switch()
     if switch == "off":
         yield from (train_run(s, ctx) for s in runs)
         return
@@ -160,7 +136,7 @@ def train_stage(runs: list[RunSpec], ctx: RunContext) -> Iterator[dict[str, Any]
     vectorised: list[list[RunSpec]] = []
     for group in groups.values():
         mode = group[0].config.finetune.mode  # type: ignore[union-attr]
-        least = 1 if switch == "on" else MIN_POPULATION.get((ctx.device.type, mode), 2)
+        least = routing.least_stack(ctx.device.type, f"vit-{mode}", switch)
         if least is not None and len(group) >= least:
             vectorised.append(group)
     done: set[str] = set()
@@ -239,7 +215,7 @@ def max_population(pop: _Population, device: torch.device, fraction: float = 0.5
     per = 6 * 4 * pop.n_trainable
     per += (3 if pop.mode == "full" else 1) * cfg.batch_size * act
     if device.type == "cpu":
-        cap = min(cap, CPU_MAX_POPULATION)
+        cap = routing.cpu_cap("cpu", f"vit-{pop.mode}", cap)
     return int(max(1, min(cap, fraction * free_bytes(device) // max(per, 1))))
 
 
@@ -676,4 +652,4 @@ def _loader(ctx: RunContext, cfg: Any, pp: Any, spec: RunSpec) -> tuple[Any, Any
     return train_loader(ctx.cache, cfg.data, pp, cfg.aug, cfg.batch_size, spec.data_seed)
 
 
-__all__ = ["ENV_SWITCH", "MIN_POPULATION", "max_population", "train_stage", "unsupported"]
+__all__ = ["max_population", "train_stage", "unsupported"]
