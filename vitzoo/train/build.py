@@ -176,8 +176,3 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     from accelerate.utils import is_bf16_available
 
     return torch.bfloat16 if device.type == "cuda" and is_bf16_available() else None
-
-
-def net_num_classes(net: nn.Module) -> int:
-    """The classifier's output count of a timm model (or its peft wrapper)."""
-    return getattr(net, "num_classes", None) or net.get_classifier().out_features

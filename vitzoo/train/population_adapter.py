@@ -8,7 +8,7 @@ definition, also shown by `vitzoo plan`).
 
 from __future__ import annotations
 
-from vitzoo.plan import RunSpec, population_key, populations
+from vitzoo.plan import RunSpec, populations
 from vitzoo.train.population import PopulationMember
 
 #: Optimizer names of the recipes the engine implements, and its name for them.
@@ -62,5 +62,4 @@ def member_from_run(run: RunSpec) -> PopulationMember:
 
 
 #: The grouping is the plan's (pure, shown by `vitzoo plan`).
-group_key = population_key
 split_runs = populations
