@@ -57,3 +57,22 @@ def make_zoo(tmp_path: Path):
         return write_test_zoo(tmp_path / name, **kwargs)
 
     return _make
+
+
+#: Prepended to the scripts tests run in a subprocess (datasets reads HF_ENDPOINT at import): name
+#: resolution is refused for anything but the loopback, and each refused host is recorded in ``blocked``.
+LOOPBACK_ONLY = """\
+import socket
+
+_real, blocked = socket.getaddrinfo, []
+
+
+def _loopback_only(host, *args, **kwargs):
+    if host not in ("127.0.0.1", "localhost"):
+        blocked.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, f"test: no network for {host}")
+    return _real(host, *args, **kwargs)
+
+
+socket.getaddrinfo = _loopback_only
+"""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest_hub import LOOPBACK_ONLY
 from hub_server import HubServer
 from zoo_factory import TOKEN
 
@@ -66,18 +67,9 @@ A few dozen 8x8 PNGs for vitzoo's tests.
 # Runs in the subprocess. Refuses name resolution for anything but the loopback (nothing leaves the
 # machine whatever `datasets` tries) and records it; then either loads the given DataConfigs or runs
 # the vitzoo CLI.
-DRIVER = textwrap.dedent('''\
-    import hashlib, json, socket, sys
+DRIVER = LOOPBACK_ONLY + textwrap.dedent('''\
+    import hashlib, json, sys
 
-    _real, blocked = socket.getaddrinfo, []
-
-    def _loopback_only(host, *args, **kwargs):
-        if host not in ("127.0.0.1", "localhost"):
-            blocked.append(host)
-            raise socket.gaierror(socket.EAI_NONAME, f"test: no network for {host}")
-        return _real(host, *args, **kwargs)
-
-    socket.getaddrinfo = _loopback_only
 
     if sys.argv[1] == "cli":
         from vitzoo.cli import main

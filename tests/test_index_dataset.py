@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest_hub import LOOPBACK_ONLY
 from zoo_factory import TOKEN, write_test_zoo
 
 import vitzoo
@@ -44,18 +45,9 @@ DS = "vitzoo-test/tiny-zoo-index"
 LISTS = {"aug": {"ops": ["flip", "crop"]}, "model": {"variant": "tiny", "img_size": [16, 16]}}
 """Run config fields that are lists: list columns ``aug.ops`` (strings) and ``model.img_size`` (ints)."""
 
-DRIVER = textwrap.dedent('''\
-    import json, socket, sys
+DRIVER = LOOPBACK_ONLY + textwrap.dedent('''\
+    import json, sys
 
-    _real, blocked = socket.getaddrinfo, []
-
-    def _loopback_only(host, *args, **kwargs):
-        if host not in ("127.0.0.1", "localhost"):
-            blocked.append(host)
-            raise socket.gaierror(socket.EAI_NONAME, f"test: no network for {host}")
-        return _real(host, *args, **kwargs)
-
-    socket.getaddrinfo = _loopback_only
 
     import datasets
 
