@@ -170,9 +170,9 @@ def train_loader(cache: DataCache, cfg: DataConfig, pp: Preprocessing, aug: AugC
     Data order and last batch follow :mod:`vitzoo.train.seeds` (``equal_batches``: the objective needs
     batches of one size, see :func:`~vitzoo.train.seeds.drop_last`)."""
     split = cache.splits(cfg).train
-    if views == 1 and _is_plain(aug) and cache.fits(cfg, "train", pp):
-        x, y = cache.eval_tensors(cfg, "train", pp)
-        ds: Dataset = torch.utils.data.TensorDataset(x, y)
+    tensors = train_tensors(cache, cfg, pp, aug, views)
+    if tensors is not None:
+        ds: Dataset = torch.utils.data.TensorDataset(*tensors)
         workers = 0
     else:
         ds = ImageSet(split, train_transform(pp, aug), pp.channels, views=views)
@@ -182,6 +182,15 @@ def train_loader(cache: DataCache, cfg: DataConfig, pp: Preprocessing, aug: AugC
                         drop_last=drop_last(len(ds), batch_size, equal_batches or views > 1),
                         persistent_workers=False)
     return loader, sampler
+
+
+def train_tensors(cache: DataCache, cfg: DataConfig, pp: Preprocessing, aug: AugConfig,
+                  views: int = 1) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached training tensors ``(x, y)`` when training needs no per-image work (one view, no
+    augmentation, the split fits in memory), else None: batches can then be sliced from them."""
+    if views == 1 and _is_plain(aug) and cache.fits(cfg, "train", pp):
+        return cache.eval_tensors(cfg, "train", pp)
+    return None
 
 
 def _is_plain(aug: AugConfig) -> bool:

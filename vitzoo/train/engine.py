@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import torch
 
-from vitzoo.data.pipeline import train_loader
+from vitzoo.data.pipeline import train_loader, train_tensors
 from vitzoo.plan import RunSpec
 from vitzoo.train.build import amp_dtype, build_run, make_optimizer
 from vitzoo.train.checkpoint import finish_run, history_row, restore
@@ -72,12 +72,19 @@ def build_module_run(spec: RunSpec, ctx: RunContext, *, noise: bool = True) -> M
     simclr = cfg.objective.name == "simclr"
     objective = (SimCLR(cfg.objective.temperature, ctx.device) if simclr
                  else CrossEntropy(cfg, data.num_classes, ctx.device))
-    aug = device_augment(cfg, built.pp) if cfg.model is not None and not cfg.model.is_vit else False
+    cnn = cfg.model is not None and not cfg.model.is_vit
+    aug = device_augment(cfg, built.pp) if cnn else False
+    tensors = None if cnn else train_tensors(ctx.cache, cfg.data, built.pp, cfg.aug, views=2 if simclr else 1)
     if aug is not False and not simclr and ctx.cache.fits(cfg.data, "train", built.pp):
         # Classic CNNs: the decoded split on the device, crop + flip there (as their stacked siblings)
         x, y = ctx.cache.eval_tensors(cfg.data, "train", built.pp)
         feed: Any = TensorFeed(x.to(ctx.device), y.to(ctx.device), spec.data_seed, cfg.batch_size,
                                objective.equal_batches, aug or None)
+    elif tensors is not None:
+        # ViTs without per-image augmentation (mixup and smoothing are the objective's): the same batches as
+        # a DataLoader over these tensors would give, sliced on the device
+        feed = TensorFeed(tensors[0].to(ctx.device), tensors[1].to(ctx.device), spec.data_seed, cfg.batch_size,
+                          objective.equal_batches, loader_rng=True)
     else:
         feed = LoaderFeed(*train_loader(ctx.cache, cfg.data, built.pp, cfg.aug, cfg.batch_size, spec.data_seed,
                                         views=2 if simclr else 1, equal_batches=objective.equal_batches))

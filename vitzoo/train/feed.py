@@ -37,14 +37,25 @@ class LoaderFeed:
 
 
 class TensorFeed:
-    """Batches sliced from training tensors on the device, optionally cropped and flipped there."""
+    """Batches sliced from training tensors on the device, optionally cropped and flipped there.
+
+    ``loader_rng``: draw once from the global torch RNG when an epoch starts, as a DataLoader's iterator
+    does (its base seed): a run fed this way instead of by a DataLoader over the same tensors keeps its
+    dropout / drop-path stream, so its results stay the same bit for bit.
+    """
 
     def __init__(self, x: Tensor, y: Tensor, data_seed: int, batch_size: int, equal_batches: bool = False,
-                 augment: CropFlip | None = None):
+                 augment: CropFlip | None = None, loader_rng: bool = False):
         self.x, self.y, self.data_seed, self.batch_size, self.augment = x, y, data_seed, batch_size, augment
+        self.loader_rng = loader_rng
         self.steps = steps_per_epoch(len(y), batch_size, equal_batches)
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.loader_rng:
+            torch.empty((), dtype=torch.int64).random_()
+        return self._batches(epoch)
+
+    def _batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         order = epoch_order(self.data_seed, epoch, len(self.y)).to(self.x.device)
         gen = augment_generator(self.data_seed, epoch, self.x.device) if self.augment else None
         b = self.batch_size

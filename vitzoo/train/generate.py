@@ -176,8 +176,10 @@ def _train_all(recipe, plan, out, state, cache, progress, max_runs, log, stop_af
     ctx = RunContext(zoo_root=out, device=state.device, cache=cache, progress=progress and state.is_main_process,
                      hardware=provenance(state.num_processes)["hardware"], stop_after_epoch=stop_after_epoch,
                      log=lambda m: log(f"[{state.process_index}] {m}" if state.num_processes > 1 else m))
-    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, state.num_processes if state.device.type == "cpu"
-                                                                  else 1)))
+    if state.device.type == "cpu" and state.num_processes > 1:
+        # CPU processes share the cores; only then, since torch.set_num_threads (even to the same count)
+        # also turns MKL's dynamic threading off: small models 20-45% slower (benchmarks/RESULTS.md)
+        torch.set_num_threads(max(1, torch.get_num_threads() // state.num_processes))
     for stage in recipe.stages:
         runs = plan.stage_runs(stage.name)
         if max_runs is not None:
