@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from vitzoo.recipe import Recipe, RecipeError, StageConfig, apply_axes, axis_path
+from vitzoo.recipe import Recipe, RecipeError, StageConfig, apply_axes, axis_path, identity
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def run_id(stage: str, config: StageConfig, init_seed: int, data_seed: int, pare
            parent_epoch: str | None) -> str:
     """The one function that names a run: ``<stage>-<10 hex digits of sha256(resolved config)>``."""
     payload = {
-        "stage": stage, "config": dataclasses.asdict(config), "init_seed": init_seed, "data_seed": data_seed,
+        "stage": stage, "config": identity(dataclasses.asdict(config)), "init_seed": init_seed, "data_seed": data_seed,
         "parent_id": parent_id, "parent_epoch": parent_epoch,
     }
     return f"{stage}-{hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:10]}"

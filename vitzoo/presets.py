@@ -31,7 +31,16 @@ VIT_DEFAULT_IMG_SIZE = {"mu": 32}
 VARIANT_ALIASES = {"micro": "mu/4", "tiny": "Ti/16", "small": "S/16", "base": "B/16"}
 
 #: Classic zoo architectures (docs/reference-zoos.md#architectures); built by vitzoo.models.cnn.
-CNN_VARIANTS = ("cnn-s", "cnn-m", "resnet18")
+CNN_VARIANTS = ("cnn-s", "cnn-m", "resnet18", "resnet50")
+
+#: The other tasks' architectures: GPT-2 language models (transformers) and PINN MLPs (objective ``pinn``).
+TASK_VARIANTS = ("gpt2", "mlp")
+
+#: Which objective each task architecture is trained with (and the only one it accepts).
+TASK_OBJECTIVE = {"gpt2": "causal_lm", "mlp": "pinn"}
+
+#: Variants with a width axis (``model.width``) besides the ViTs.
+WIDTH_VARIANTS = ("resnet18", "resnet50", "gpt2", "mlp")
 
 _VIT_RE = re.compile(r"^(?P<size>[A-Za-z]+)/(?P<patch>\d+)$")
 
@@ -46,7 +55,7 @@ def parse_vit_variant(variant: str) -> tuple[str, int] | None:
 
 
 def known_variants() -> list[str]:
-    return [f"{s}/<patch>" for s in VIT_SIZES] + list(VARIANT_ALIASES) + list(CNN_VARIANTS)
+    return [f"{s}/<patch>" for s in VIT_SIZES] + list(VARIANT_ALIASES) + list(CNN_VARIANTS) + list(TASK_VARIANTS)
 
 
 #: Augmentation levels built from timm's pieces. Keys are fields of recipe.AugConfig.

@@ -34,6 +34,13 @@ class RecipeError(VitzooError, ValueError):
 # --------------------------------------------------------------------------- sections
 
 
+#: Offline sources: images (digits, shapes), text (arithmetic: a procedurally generated language for
+#: causal_lm) and the PINN task's own collocation points (convection: no data at all).
+BUILTIN_SOURCES = ("digits", "shapes", "arithmetic", "convection")
+#: Built-in sources that are not images, and the objective each is for.
+BUILTIN_TASK_SOURCES = {"arithmetic": "causal_lm", "convection": "pinn"}
+
+
 @dataclass
 class DataConfig:
     """Where a stage's images come from. All sources are read through `datasets`."""
@@ -57,6 +64,11 @@ class DataConfig:
     """Seed of the train/val carve (the reference zoos use 42)."""
     image_column: str = "image"
     label_column: str = "label"
+    text_column: str = "text"
+    """Column holding the documents of a text source (objective causal_lm)."""
+    tokenizer: str | None = None
+    """Tokenizer of a text source: a Hub id or local folder (``gpt2`` for OpenWebText); None for
+    ``builtin:arithmetic``, whose tokenizer is trained locally with `tokenizers`."""
     channels: int = 3
     """Channels the model sees: 1 (grayscale) or 3 (RGB); images are converted."""
     crop_pct: float = 1.0
@@ -75,8 +87,9 @@ class DataConfig:
         kinds = ("builtin:", "hf:", "imagefolder:", "parquet:")
         if not self.source.startswith(kinds):
             raise ValueError(f"source must start with one of {', '.join(kinds)}; got {self.source!r}")
-        if self.source.startswith("builtin:") and self.source[8:] not in ("digits", "shapes"):
-            raise ValueError(f"unknown builtin dataset {self.source!r}; allowed: builtin:digits, builtin:shapes")
+        if self.source.startswith("builtin:") and self.source[8:] not in BUILTIN_SOURCES:
+            raise ValueError(f"unknown builtin dataset {self.source!r}; allowed: "
+                             f"{', '.join('builtin:' + b for b in BUILTIN_SOURCES)}")
         _check_range("val_fraction", self.val_fraction, 0.0, 0.9)
         if self.val_size is not None and not (isinstance(self.val_size, int) and self.val_size >= 1):
             raise ValueError(f"val_size must be an integer >= 1 (samples); got {self.val_size!r}")
@@ -97,31 +110,51 @@ class ModelConfig:
     """The architecture. ``variant`` names a preset; the other fields override it."""
 
     variant: str = "S/16"
-    """ViT ``<size>/<patch>`` (mu, Ti, S, M, B, L; ``micro`` = mu/4) or cnn-s, cnn-m, resnet18."""
+    """ViT ``<size>/<patch>`` (mu, Ti, S, M, B, L; ``micro`` = mu/4), the classic cnn-s, cnn-m, the CIFAR
+    resnet18 / resnet50 (width-scaled by ``width``), gpt2 (objective causal_lm) or mlp (objective pinn)."""
     img_size: int | None = None
-    """Input resolution; default 224 for ViTs (32 for micro), fixed for the CNNs."""
+    """Input resolution; default 224 for ViTs (32 for micro), fixed for the CNNs (ResNets: 32, any size works)."""
     patch_size: int | None = None
     """Override the variant's patch size."""
+    width: int | None = None
+    """The load axis of the width-scaled families: ResNet stage widths ``w, 2w, 4w, 8w`` (64 = the standard
+    network, the default), ViT embedding width (heads ``max(1, width // 64)``, MLP ratio kept), GPT-2
+    ``n_embd`` (model_dim), PINN MLP hidden width."""
+    depth: int | None = None
+    """Override the depth: ViT blocks, GPT-2 layers, PINN MLP hidden layers."""
+    positions: int | None = None
+    """GPT-2 ``n_positions``: the longest context the model accepts (default 1024); objective.context_length
+    must not exceed it."""
     drop_path_rate: float = 0.0
     activation: str | None = None
-    """CNN activation: tanh, relu, sigmoid, gelu, leaky_relu (ViTs use GELU)."""
+    """CNN / MLP activation: tanh, relu, sigmoid, gelu, leaky_relu, silu (ViTs use GELU)."""
     dropout: float = 0.0
-    """CNN dropout probability (after the activation, as in the reference)."""
+    """CNN dropout probability (after the activation, as in the reference); GPT-2 residual, embedding and
+    attention dropout."""
     init: str | None = None
-    """CNN init scheme: U, N, KU, KN, xavier (biases 0.01, as in the reference)."""
+    """CNN / MLP init scheme: U, N, KU, KN, xavier (biases 0.01, as in the reference)."""
 
     def __post_init__(self) -> None:
         vit = presets.parse_vit_variant(self.variant)
-        if vit is None and self.variant not in presets.CNN_VARIANTS:
+        known = presets.CNN_VARIANTS + presets.TASK_VARIANTS
+        if vit is None and self.variant not in known:
             raise ValueError(f"unknown variant {self.variant!r}; allowed: {', '.join(presets.known_variants())}")
         if vit is not None and (self.activation or self.init or self.dropout):
             raise ValueError("activation, init and dropout apply to the CNN variants only")
         _check_range("drop_path_rate", self.drop_path_rate, 0.0, 1.0)
         _check_range("dropout", self.dropout, 0.0, 1.0, hi_open=True)
-        for k in ("img_size", "patch_size"):
+        for k in ("img_size", "patch_size", "width", "depth", "positions"):
             v = getattr(self, k)
-            if v is not None and v < 1:
-                raise ValueError(f"{k} must be >= 1; got {v}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{k} must be a positive integer; got {v!r}")
+        if self.width is not None and vit is None and self.variant not in presets.WIDTH_VARIANTS:
+            raise ValueError(f"width: variant {self.variant!r} has no width axis (width-scaled: ViTs, "
+                             f"{', '.join(presets.WIDTH_VARIANTS)})")
+        if self.depth is not None and vit is None and self.variant not in presets.TASK_VARIANTS:
+            raise ValueError(f"depth: variant {self.variant!r} has a fixed depth (depth applies to ViTs, "
+                             f"{', '.join(presets.TASK_VARIANTS)})")
+        if self.positions is not None and self.variant != "gpt2":
+            raise ValueError("positions applies to gpt2 only")
         if vit is not None:
             img, patch = self.resolved_img_size, self.resolved_patch_size
             if img % patch:
@@ -130,6 +163,11 @@ class ModelConfig:
     @property
     def is_vit(self) -> bool:
         return presets.parse_vit_variant(self.variant) is not None
+
+    @property
+    def is_image(self) -> bool:
+        """An image classifier (ViT or CNN/ResNet), as opposed to a GPT-2 or a PINN."""
+        return self.variant not in presets.TASK_VARIANTS
 
     @property
     def resolved_patch_size(self) -> int:
@@ -141,15 +179,18 @@ class ModelConfig:
     def resolved_img_size(self) -> int:
         vit = presets.parse_vit_variant(self.variant)
         if vit is None:
-            return self.img_size or {"cnn-s": 28, "cnn-m": 32, "resnet18": 32}[self.variant]
+            if not self.is_image:
+                raise ValueError(f"variant {self.variant!r} does not take images")
+            return self.img_size or {"cnn-s": 28, "cnn-m": 32, "resnet18": 32, "resnet50": 32}[self.variant]
         return self.img_size or presets.VIT_DEFAULT_IMG_SIZE.get(vit[0], 224)
 
 
 @dataclass
 class ObjectiveConfig:
-    """What the stage optimises."""
+    """What the stage optimises: image classification (supervised, simclr), language modelling (causal_lm,
+    with a gpt2 model) or a physics-informed loss (pinn, with an mlp model)."""
 
-    name: Literal["supervised", "simclr"] = "supervised"
+    name: Literal["supervised", "simclr", "causal_lm", "pinn"] = "supervised"
     temperature: float = 0.07
     """InfoNCE temperature (simclr)."""
     proj_dim: int = 128
@@ -158,10 +199,18 @@ class ObjectiveConfig:
     """Neighbours of the kNN accuracy reported for contrastive stages."""
     knn_bank_size: int = 10000
     """Training images embedded for the kNN bank (a cap: ImageNet has 1.28M)."""
+    context_length: int = 128
+    """Tokens per training sequence (causal_lm); at most the model's ``positions``."""
+    beta: float = 1.0
+    """Convection coefficient of the PINN task ``u_t + beta u_x = 0`` (pinn): the load axis of the PINN zoo."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0; got {self.temperature}")
+        if self.context_length < 2:
+            raise ValueError(f"context_length must be >= 2 tokens; got {self.context_length}")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0 (the convection coefficient); got {self.beta}")
 
 
 @dataclass
@@ -365,6 +414,10 @@ class StageConfig:
     batch_size: int = 64
     eval_batch_size: int | None = None
     """Default: 4 × batch_size."""
+    micro_batch_size: int | None = None
+    """Gradient accumulation: at most this many samples per forward pass; ``batch_size`` stays the effective
+    batch (one optimizer step per ``batch_size`` samples, the schedule counts optimizer steps). Batchnorm
+    statistics see the micro-batch. Must divide batch_size; null = one forward per batch."""
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Mixed precision; auto = bf16 where the device supports it, else fp32."""
     checkpoint_every: int = 1
@@ -393,6 +446,38 @@ class StageConfig:
             raise ValueError("a fine-tuning or sparsification stage inherits its parent's `model`; remove `model`")
         if self.objective.name == "simclr" and self.finetune is not None:
             raise ValueError("fine-tuning stages are supervised; objective simclr is for pre-training")
+        if self.micro_batch_size is not None:
+            if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
+                raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must be >= 1 and divide batch_size "
+                                 f"({self.batch_size})")
+        self._check_task()
+
+    def _check_task(self) -> None:
+        """Model, objective and data of one task belong together (a GPT-2 reads text, a PINN no data)."""
+        obj, src = self.objective.name, self.data.source
+        builtin_task = BUILTIN_TASK_SOURCES.get(src[8:]) if src.startswith("builtin:") else None
+        if self.model is not None:
+            want = presets.TASK_OBJECTIVE.get(self.model.variant)
+            if want is not None and obj != want:
+                raise ValueError(f"objective.name: model {self.model.variant!r} is trained with objective {want!r}; "
+                                 f"got {obj!r}")
+            if want is None and obj in presets.TASK_OBJECTIVE.values():
+                need = next(v for v, o in presets.TASK_OBJECTIVE.items() if o == obj)
+                raise ValueError(f"model.variant: objective {obj!r} trains a {need!r} model; got "
+                                 f"{self.model.variant!r}")
+            if self.model.variant == "gpt2" and self.objective.context_length > (self.model.positions or 1024):
+                raise ValueError(f"objective.context_length ({self.objective.context_length}) exceeds the model's "
+                                 f"positions ({self.model.positions or 1024})")
+        if obj in presets.TASK_OBJECTIVE.values() and self.parent is not None:
+            raise ValueError(f"objective {obj!r}: fine-tuning and sparsification stages are for image classifiers")
+        if obj == "pinn" and src != "builtin:convection":
+            raise ValueError(f"data.source: objective pinn draws its own collocation points; set data: "
+                             f"builtin:convection (got {src!r})")
+        if obj == "causal_lm" and (builtin_task not in (None, "causal_lm") or src.startswith("imagefolder:")):
+            raise ValueError(f"data.source: objective causal_lm reads text (builtin:arithmetic, hf:<id>, "
+                             f"parquet:<path>); got {src!r}")
+        if builtin_task is not None and obj != builtin_task:
+            raise ValueError(f"data.source: {src} is data for objective {builtin_task!r}; got objective {obj!r}")
 
     @property
     def parent(self) -> FinetuneConfig | SparsifyConfig | None:
@@ -462,6 +547,38 @@ class Recipe:
         return d
 
 
+# --------------------------------------------------------------------------- identity
+
+#: Fields added after zoos were first made, with their defaults. While at the default they are left out of
+#: run ids and recipe digests (:func:`identity`), so a zoo made before a field existed keeps its model names
+#: and still resumes. A new field goes here with its default (section ``""`` = the stage itself).
+LATER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "": {"micro_batch_size": None},
+    "model": {"width": None, "depth": None, "positions": None},
+    "objective": {"context_length": 128, "beta": 1.0},
+    "data": {"text_column": "text", "tokenizer": None},
+}
+
+
+def identity(stage: dict[str, Any]) -> dict[str, Any]:
+    """A stage config as plain data (``dataclasses.asdict``) without the :data:`LATER_DEFAULTS` fields that
+    are at their defaults: what names a run."""
+    out = dict(stage)
+    for section, defaults in LATER_DEFAULTS.items():
+        d = out if not section else out.get(section)
+        if not isinstance(d, dict):
+            continue
+        d = dict(d)
+        for k, v in defaults.items():
+            if k in d and d[k] == v:
+                del d[k]
+        if section:
+            out[section] = d
+        else:
+            out = d
+    return out
+
+
 # --------------------------------------------------------------------------- grid axes
 
 #: Short names for the axes users vary most, mapped to dotted paths in StageConfig.
@@ -477,6 +594,10 @@ AXIS_ALIASES = {
     "init": "model.init",
     "variant": "model.variant",
     "temperature": "objective.temperature",
+    "width": "model.width",
+    "depth": "model.depth",
+    "beta": "objective.beta",
+    "context_length": "objective.context_length",
 }
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from vitzoo.models.names import LEGACY_PREFIX, TIMM_NAMES, cnn_variant, timm_architecture
+from vitzoo.models.names import LEGACY_PREFIX, TASK_NAMES, TIMM_NAMES, cnn_variant, timm_architecture
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["LEGACY_PREFIX", "TIMM_NAMES", "cnn_model_args", "cnn_variant", "from_config", "timm_architecture"]
+__all__ = ["LEGACY_PREFIX", "TASK_NAMES", "TIMM_NAMES", "cnn_model_args", "cnn_variant", "from_config", "timm_architecture"]
 
 
 def cnn_model_args(in_chans: int, activation: str | None, dropout: float, init: str | None) -> dict[str, Any]:
@@ -23,6 +23,14 @@ def cnn_model_args(in_chans: int, activation: str | None, dropout: float, init: 
 
 def from_config(cfg: dict[str, Any]) -> nn.Module:
     """Build the network a model folder's config.json describes (weights are loaded by the caller)."""
+    if cfg.get("model_type") == "gpt2":  # a transformers config (GPT-2 language models)
+        from vitzoo.models import gpt2
+
+        return gpt2.from_config(cfg)
+    if cfg.get("architecture") == TASK_NAMES["mlp"]:  # PINN MLPs
+        from vitzoo.models import mlp
+
+        return mlp.from_config(cfg)
     variant = cnn_variant(cfg["architecture"])
     if variant is not None:
         from vitzoo.models.cnn import build_cnn

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 #: timm registry name of each classic zoo architecture (``timm.create_model`` and transformers'
 #: TimmWrapper build it after ``import vitzoo``; timm names cannot contain ``/``).
-TIMM_NAMES = {"cnn-s": "vitzoo_cnn_s", "cnn-m": "vitzoo_cnn_m", "resnet18": "vitzoo_resnet18"}
+TIMM_NAMES = {"cnn-s": "vitzoo_cnn_s", "cnn-m": "vitzoo_cnn_m", "resnet18": "vitzoo_resnet18",
+              "resnet50": "vitzoo_resnet50"}
+
+#: What config.json calls the other tasks' architectures (not timm models: GPT-2 folders are transformers
+#: models, config.json ``model_type: gpt2``; PINN MLPs are read by vitzoo.models.from_config).
+TASK_NAMES = {"gpt2": "GPT2LMHeadModel", "mlp": "vitzoo_mlp"}
 
 #: The name older CNN zoos record in config.json (``vitzoo/<variant>``); still read.
 LEGACY_PREFIX = "vitzoo/"

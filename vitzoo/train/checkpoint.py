@@ -77,12 +77,14 @@ def finish_run(spec: RunSpec, ctx: RunContext, writer: RunWriter, built: Built, 
     if unsaved_state is not None:
         writer.save_epoch(final_epoch, unsaved_state)
     cfg = spec.config
-    config_json = vit.config_json(
-        built.arch, built.model_args, built.num_classes, built.label_names, built.pp.pretrained_cfg(built.num_classes),
-        built.num_features,
-        {"run_id": spec.run_id, "stage": spec.stage, "parent_id": spec.parent_id, "parent_epoch": spec.parent_epoch,
-         "head": built.head, "head_hidden": built.head_hidden, "objective": cfg.objective.name, "dataset": dataset},
-    )
+    meta = {"run_id": spec.run_id, "stage": spec.stage, "parent_id": spec.parent_id, "parent_epoch": spec.parent_epoch,
+            "head": built.head, "head_hidden": built.head_hidden, "objective": cfg.objective.name, "dataset": dataset}
+    if built.config_json is not None:  # a task's own config.json (GPT-2: a transformers config)
+        config_json = built.config_json(meta)
+    else:
+        assert built.pp is not None
+        config_json = vit.config_json(built.arch, built.model_args, built.num_classes, built.label_names,
+                                      built.pp.pretrained_cfg(built.num_classes), built.num_features, meta)
     run_info = {
         "stage": spec.stage, "factors": spec.factors, "init_seed": spec.init_seed, "data_seed": spec.data_seed,
         "repeat": spec.repeat, "parent_id": spec.parent_id, "parent_epoch": spec.parent_epoch,
@@ -91,4 +93,5 @@ def finish_run(spec: RunSpec, ctx: RunContext, writer: RunWriter, built: Built, 
         "wall_time_s": round(wall_s, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "hardware": ctx.hardware, "device": str(ctx.device), "precision": precision,
     }
-    return writer.finalize(config_json=config_json, run_info=run_info, final_epoch=final_epoch, status=status)
+    return writer.finalize(config_json=config_json, run_info=run_info, final_epoch=final_epoch, status=status,
+                           files=built.files)

@@ -30,14 +30,22 @@ class RunContext:
 
 
 class Built:
-    """A run's network and how to export its state in timm naming (plus what config.json records)."""
+    """A run's network and how to export its state in timm naming (plus what config.json records).
+
+    Tasks whose models are not timm image classifiers (GPT-2, PINN MLPs) give ``config_json``: it turns the
+    run's ``vitzoo`` metadata into the whole config.json (a transformers ``GPT2Config``...), and ``files``:
+    more files for the model folder (a tokenizer), written before run.json and indexed with the model.
+    """
 
     def __init__(self, net: nn.Module, export: Callable[[], dict[str, torch.Tensor]], arch: str,
-                 model_args: dict[str, Any], num_classes: int, num_features: int, pp: Preprocessing,
-                 label_names: list[str] | None, head: str, head_hidden: int | None):
+                 model_args: dict[str, Any], num_classes: int, num_features: int, pp: Preprocessing | None,
+                 label_names: list[str] | None, head: str, head_hidden: int | None,
+                 config_json: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 files: dict[str, bytes] | None = None):
         self.net, self.export, self.arch, self.model_args = net, export, arch, model_args
         self.num_classes, self.num_features, self.pp, self.label_names = num_classes, num_features, pp, label_names
         self.head, self.head_hidden = head, head_hidden
+        self.config_json, self.files = config_json, files or {}
 
 
 def cpu_state(m: nn.Module) -> dict[str, torch.Tensor]:

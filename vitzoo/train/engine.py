@@ -39,6 +39,7 @@ from vitzoo.train.feed import LoaderFeed, TensorFeed, device_augment
 from vitzoo.train.objectives import CrossEntropy, SimCLR
 from vitzoo.train.schedule import lr_schedule
 from vitzoo.train.seeds import seed_module_rngs
+from vitzoo.train.tasks import task_module
 from vitzoo.train.variational import VariationalDropout, prepare_twin
 from vitzoo.zoo.writer import RunWriter
 
@@ -65,6 +66,9 @@ def build_module_run(spec: RunSpec, ctx: RunContext, *, noise: bool = True) -> M
     """The parts of ``spec``: a sparsified twin, or a pre-training / classic / fine-tuning run."""
     if spec.config.sparsify is not None:
         return _twin_run(spec, ctx, noise)
+    task = task_module(spec.config.objective.name)
+    if task is not None:  # language modelling, PINNs: the task assembles its own parts
+        return task.build(spec, ctx)
     cfg = spec.config
     data = ctx.cache.splits(cfg.data)
     built = build_run(spec, ctx, data.num_classes, data.label_names)

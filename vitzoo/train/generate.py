@@ -37,7 +37,11 @@ class ZooConflictError(VitzooError, RuntimeError):
 
 
 def recipe_digest(recipe: Recipe) -> str:
-    return hashlib.sha256(canonical_json(recipe.to_dict()).encode()).hexdigest()
+    from vitzoo.recipe import identity
+
+    d = recipe.to_dict()
+    d["stages"] = {name: identity(st) for name, st in d["stages"].items()}
+    return hashlib.sha256(canonical_json(d).encode()).hexdigest()
 
 
 def check_target(out: Path, recipe: Recipe) -> bool:
@@ -131,13 +135,19 @@ def _preflight(plan: Plan, cache, recipe: Recipe) -> None:
     """Open every distinct data source of the plan (cached for training) and check it fits the runs."""
     from vitzoo.data.sources import DataError
 
+    from vitzoo.train.tasks import task_module
+
     seen = set()
     for r in plan.runs:
-        key = canonical_json(dataclasses.asdict(r.config.data))
+        key = canonical_json([r.config.objective.name, dataclasses.asdict(r.config.data)])
         if key not in seen:
             seen.add(key)
+            task = task_module(r.config.objective.name)
             try:
-                cache.splits(r.config.data)
+                if task is not None:  # text, collocation points: the task reads (and checks) its own data
+                    task.preflight(r.config, cache)
+                else:
+                    cache.splits(r.config.data)
             except DataError as e:
                 raise DataError(f"{recipe.source}: stages.{r.stage}.{e}") from None
 
@@ -148,6 +158,11 @@ INDEX_REFRESH_S = 60.0
 
 def _train_stage(stage, runs, ctx) -> Iterator[dict[str, Any]]:
     """This process's runs of one stage, trained by the engine that fits; yields each run.json."""
+    from vitzoo.train.engine import train_run
+    from vitzoo.train.tasks import task_module
+
+    if task_module(stage.objective.name) is not None:  # GPT-2, PINN: one by one (no stack for them yet)
+        return (train_run(spec, ctx) for spec in runs)
     if stage.sparsify is not None:  # sparsified twins: CNN-s/CNN-m twins as populations, the rest one by one
         from vitzoo.train import routing
         from vitzoo.train.sparsify_population import train_sparsify_stage
@@ -163,8 +178,6 @@ def _train_stage(stage, runs, ctx) -> Iterator[dict[str, Any]]:
         from vitzoo.train.vit_population import train_stage as train_finetune_stage
 
         return train_finetune_stage(runs, ctx)
-    from vitzoo.train.engine import train_run
-
     return (train_run(spec, ctx) for spec in runs)
 
 

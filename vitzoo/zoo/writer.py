@@ -10,6 +10,7 @@ half-indexed. Finalizing is idempotent: a kill during it is repaired by the next
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -19,7 +20,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from vitzoo.zoo.io import FORMAT_VERSION, discard_temp_files, save_safetensors, sha256_file, write_json
+from vitzoo.zoo.io import FORMAT_VERSION, atomic_write, discard_temp_files, save_safetensors, sha256_file, write_json
 
 MODELS_DIR = "models"
 PARTIAL = ".partial"
@@ -102,11 +103,13 @@ class RunWriter:
 
     # ---------------------------------------------------------------- the end
     def finalize(self, *, config_json: dict[str, Any], run_info: dict[str, Any], final_epoch: int,
-                 status: str) -> dict[str, Any]:
+                 status: str, files: dict[str, bytes] | None = None) -> dict[str, Any]:
         """Consolidate the saved states and write config.json, then run.json (the commit point).
 
         ``final_epoch`` is the state that becomes ``model.safetensors``: the last epoch, or the
-        last good one of a diverged run. States saved after it are dropped.
+        last good one of a diverged run. States saved after it are dropped. ``files`` (name → bytes) are
+        more files of the model folder (a GPT-2's tokenizer), written atomically before run.json; run.json
+        lists them with their sha256 under ``files``.
         """
         epochs = [e for e in self.saved_epochs() if e <= final_epoch]
         if final_epoch not in epochs:
@@ -140,8 +143,16 @@ class RunWriter:
             states_rows.append(row)
         config_json = {**config_json, "vitzoo": {**config_json.get("vitzoo", {}), "format_version": FORMAT_VERSION}}
         write_json(self.folder / "config.json", config_json)
+        extra = {}
+        for name, data in sorted((files or {}).items()):
+            if "/" in name or name in ("config.json", "run.json") or name.endswith(".safetensors"):
+                raise ValueError(f"{self.run_id}: extra file name {name!r} is reserved or not a plain name")
+            atomic_write(self.folder / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+            extra[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         info = {**run_info, "run_id": self.run_id, "status": status, "final_epoch": final_epoch,
                 "states": states_rows, "history": list(history.values())}
+        if extra:
+            info["files"] = extra
         write_json(self.folder / "run.json", info)  # the commit point
         shutil.rmtree(self.partial, ignore_errors=True)
         return info
