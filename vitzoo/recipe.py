@@ -203,6 +203,19 @@ class ObjectiveConfig:
     """Tokens per training sequence (causal_lm); at most the model's ``positions``."""
     beta: float = 1.0
     """Convection coefficient of the PINN task ``u_t + beta u_x = 0`` (pinn): the load axis of the PINN zoo."""
+    collocation_points: int = 1000
+    """PINN: interior points where the residual is enforced, drawn uniformly in ``[0, 2π) × [0, 1]`` from the
+    run's data seed; an epoch is one pass over them in batches of ``batch_size``."""
+    initial_points: int = 256
+    """PINN: points of the initial condition ``u(x, 0) = sin x`` (x uniform in ``[0, 2π)``), all in every step."""
+    boundary_points: int = 100
+    """PINN: times of the periodic boundary condition ``u(0, t) = u(2π, t)`` (t uniform in ``[0, 1]``), all in
+    every step."""
+    residual_weight: float = 1.0
+    """PINN: the loss is ``residual_weight · mean(residual²) + mean(IC error²) + mean(BC error²)``."""
+    eval_grid: list[int] = field(default_factory=lambda: [256, 100])
+    """PINN: the evaluation grid ``[nx, nt]``: x = nx points of ``[0, 2π)`` (endpoint excluded), t = nt points
+    of ``[0, 1]`` (both ends); ``test_rel_l2`` and the test losses are measured on it."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -211,6 +224,16 @@ class ObjectiveConfig:
             raise ValueError(f"context_length must be >= 2 tokens; got {self.context_length}")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0 (the convection coefficient); got {self.beta}")
+        for k in ("collocation_points", "initial_points", "boundary_points"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k} must be a positive integer; got {v!r}")
+        if not self.residual_weight > 0:
+            raise ValueError(f"residual_weight must be > 0; got {self.residual_weight}")
+        g = self.eval_grid
+        if (len(g) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in g) or g[0] < 1
+                or g[1] < 2):
+            raise ValueError(f"eval_grid must be [nx, nt] with nx >= 1 and nt >= 2 integers; got {g!r}")
 
 
 @dataclass
@@ -555,7 +578,8 @@ class Recipe:
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "": {"micro_batch_size": None},
     "model": {"width": None, "depth": None, "positions": None},
-    "objective": {"context_length": 128, "beta": 1.0},
+    "objective": {"context_length": 128, "beta": 1.0, "collocation_points": 1000, "initial_points": 256,
+                  "boundary_points": 100, "residual_weight": 1.0, "eval_grid": [256, 100]},
     "data": {"text_column": "text", "tokenizer": None},
 }
 
