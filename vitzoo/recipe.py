@@ -155,6 +155,9 @@ class ModelConfig:
                              f"{', '.join(presets.TASK_VARIANTS)})")
         if self.positions is not None and self.variant != "gpt2":
             raise ValueError("positions applies to gpt2 only")
+        if vit is not None and self.width is not None and self.width >= 128 and self.width % 64:
+            raise ValueError(f"width: a ViT's heads have 64 dimensions from width 128 on (one head below), so the "
+                             f"width must be a multiple of 64 there; got {self.width}")
         if vit is not None:
             img, patch = self.resolved_img_size, self.resolved_patch_size
             if img % patch:
@@ -440,7 +443,8 @@ class StageConfig:
     micro_batch_size: int | None = None
     """Gradient accumulation: at most this many samples per forward pass; ``batch_size`` stays the effective
     batch (one optimizer step per ``batch_size`` samples, the schedule counts optimizer steps). Batchnorm
-    statistics see the micro-batch. Must divide batch_size; null = one forward per batch."""
+    statistics see the micro-batch. Must divide batch_size when smaller (a batch no larger than it is one
+    forward pass); null = one forward per batch."""
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Mixed precision; auto = bf16 where the device supports it, else fp32."""
     checkpoint_every: int = 1
@@ -470,9 +474,12 @@ class StageConfig:
         if self.objective.name == "simclr" and self.finetune is not None:
             raise ValueError("fine-tuning stages are supervised; objective simclr is for pre-training")
         if self.micro_batch_size is not None:
-            if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
-                raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must be >= 1 and divide batch_size "
-                                 f"({self.batch_size})")
+            if self.objective.name == "simclr":
+                raise ValueError("micro_batch_size: SimCLR's loss contrasts the whole batch; it cannot be accumulated")
+            m = self.micro_batch_size
+            if m < 1 or (m < self.batch_size and self.batch_size % m):
+                raise ValueError(f"micro_batch_size ({m}) must be >= 1 and divide batch_size ({self.batch_size}) "
+                                 "when smaller")
         self._check_task()
 
     def _check_task(self) -> None:

@@ -16,9 +16,14 @@ if TYPE_CHECKING:
 __all__ = ["LEGACY_PREFIX", "TASK_NAMES", "TIMM_NAMES", "cnn_model_args", "cnn_variant", "from_config", "timm_architecture"]
 
 
-def cnn_model_args(in_chans: int, activation: str | None, dropout: float, init: str | None) -> dict[str, Any]:
-    """What a classic-zoo model's config.json records to rebuild it (architecture ``vitzoo_cnn_s``...)."""
-    return {"in_chans": in_chans, "activation": activation, "dropout": dropout, "init": init}
+def cnn_model_args(in_chans: int, activation: str | None, dropout: float, init: str | None,
+                   width: int | None = None) -> dict[str, Any]:
+    """What a classic-zoo model's config.json records to rebuild it (architecture ``vitzoo_cnn_s``...);
+    ``width`` only for a width-scaled ResNet (absent: the standard width 64)."""
+    args = {"in_chans": in_chans, "activation": activation, "dropout": dropout, "init": init}
+    if width is not None:
+        args["width"] = width
+    return args
 
 
 def from_config(cfg: dict[str, Any]) -> nn.Module:
@@ -37,7 +42,7 @@ def from_config(cfg: dict[str, Any]) -> nn.Module:
 
         a = cfg.get("model_args") or {}
         return build_cnn(variant, a.get("in_chans", 3), cfg["num_classes"], a.get("activation"),
-                         a.get("dropout", 0.0), a.get("init"), seed=0)
+                         a.get("dropout", 0.0), a.get("init"), seed=0, width=a.get("width"))
     from vitzoo.models import vit
 
     return vit.from_config(cfg)

@@ -17,8 +17,8 @@ Legacy quirks kept on purpose:
 Initialisation is seeded with a local :class:`torch.Generator`: building a model never touches the
 global RNG, and the same ``seed`` always gives the same weights (what the population engine
 relies on to stack independently initialised models). Every bias is set to 0.01 for the CNNs, as
-in the reference. The ResNet-18 (kuangliu-style CIFAR variant: 3x3 stride-1 stem, no max-pool,
-torchvision/timm key names) uses PyTorch's default init unless an init scheme is named.
+in the reference. The ResNets (:mod:`vitzoo.models.resnet`: CIFAR stem, width-scaled, torchvision/timm
+key names) use PyTorch's default init unless an init scheme is named.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 #: Init scheme names (the reference's short codes and the legacy long names).
@@ -51,10 +50,10 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "silu": nn.SiLU,
 }
 
-CNN_VARIANTS = ("cnn-s", "cnn-m", "resnet18")
+CNN_VARIANTS = ("cnn-s", "cnn-m", "resnet18", "resnet50")
 
-#: Input resolution each variant is built for (the flatten sizes of the CNNs assume it).
-IMG_SIZE = {"cnn-s": 28, "cnn-m": 32, "resnet18": 32}
+#: Input resolution each variant is built for (the flatten sizes of the CNNs assume it; the ResNets take any).
+IMG_SIZE = {"cnn-s": 28, "cnn-m": 32, "resnet18": 32, "resnet50": 32}
 
 
 def _act(name: str) -> nn.Module:
@@ -98,57 +97,6 @@ class _Legacy(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module_list(x)
-
-
-# --------------------------------------------------------------------------- ResNet-18 (CIFAR)
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, cin: int, cout: int, stride: int, act: str) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.act1 = _act(act)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.act2 = _act(act)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.act2(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class ResNet18(nn.Module):
-    """CIFAR ResNet-18: 3x3 stride-1 stem, no max-pool, BasicBlock [2,2,2,2], global average pool.
-
-    Key names follow torchvision/timm (``conv1``, ``layer1.0.conv1``, ``downsample.0``, ``fc``).
-    The global pool is adaptive so 64x64 Tiny-ImageNet inputs work with the same weights layout.
-    """
-
-    def __init__(self, in_chans: int = 3, num_classes: int = 10, activation: str = "relu", dropout: float = 0.0) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.act1 = _act(activation)
-        cin = 64
-        for i, (cout, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
-            blocks = [BasicBlock(cin, cout, stride, activation), BasicBlock(cout, cout, 1, activation)]
-            setattr(self, f"layer{i}", nn.Sequential(*blocks))
-            cin = cout
-        self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return self.fc(self.drop(x))
 
 
 # --------------------------------------------------------------------------- init
@@ -200,13 +148,14 @@ def init_weights_(model: nn.Module, init: str | None, seed: int, bias: float | N
 
 
 def build_cnn(variant: str, in_chans: int, num_classes: int, activation: str | None = None, dropout: float = 0.0,
-              init: str | None = None, seed: int = 0) -> nn.Module:
-    """Build and seed-initialise one classic zoo model.
+              init: str | None = None, seed: int = 0, width: int | None = None) -> nn.Module:
+    """Build and seed-initialise one classic or phase zoo convolutional model.
 
-    ``variant`` is ``cnn-s``, ``cnn-m`` or ``resnet18``. Defaults: activation ``tanh`` for the
-    CNNs, ``relu`` for ResNet-18; init ``U`` is *not* assumed: ``None`` means PyTorch's default
-    init (seeded). CNN biases are set to 0.01 whatever the scheme (reference); ResNet-18 keeps
-    PyTorch's bias init unless an explicit init scheme is named.
+    ``variant`` is ``cnn-s``, ``cnn-m``, ``resnet18`` or ``resnet50`` (``width``: the ResNets' first stage
+    width, default 64, :mod:`vitzoo.models.resnet`). Defaults: activation ``tanh`` for the CNNs, ``relu``
+    for the ResNets; init ``U`` is *not* assumed: ``None`` means PyTorch's default init (seeded). CNN biases
+    are set to 0.01 whatever the scheme (reference); the ResNets keep PyTorch's bias init unless an explicit
+    init scheme is named (the phase zoos: ``KU``, kaiming-uniform with biases 0.01).
     """
     if variant not in CNN_VARIANTS:
         raise ValueError(f"unknown CNN variant {variant!r}; allowed: {', '.join(CNN_VARIANTS)}")
@@ -218,8 +167,14 @@ def build_cnn(variant: str, in_chans: int, num_classes: int, activation: str | N
         elif variant == "cnn-m":
             model = build_cnn_m(in_chans, num_classes, activation or "tanh", dropout)
         else:
-            model = ResNet18(in_chans, num_classes, activation or "relu", dropout)
-    bias = 0.01 if variant != "resnet18" or init not in (None, "default", "torch") else None
+            from vitzoo.models.resnet import STANDARD_WIDTH, ResNet
+
+            act = activation or "relu"
+            model = ResNet(int(variant[6:]), width or STANDARD_WIDTH, in_chans, num_classes, lambda: _act(act),
+                           dropout)
+    if width is not None and not variant.startswith("resnet"):
+        raise ValueError(f"model.width: {variant} has no width axis")
+    bias = 0.01 if not variant.startswith("resnet") or init not in (None, "default", "torch") else None
     return init_weights_(model, init, seed, bias=bias)
 
 

@@ -39,16 +39,17 @@ def _default_cfgs() -> dict[str, dict[str, Any]]:
         "vitzoo_cnn_m": {**base, "input_size": (3, 32, 32), **imagenet, "first_conv": "module_list.0",
                          "classifier": "module_list.16"},
         "vitzoo_resnet18": {**base, "input_size": (3, 32, 32), **imagenet, "first_conv": "conv1", "classifier": "fc"},
+        "vitzoo_resnet50": {**base, "input_size": (3, 32, 32), **imagenet, "first_conv": "conv1", "classifier": "fc"},
     }
 
 
 def _build(variant: str, in_chans: int | None = None, num_classes: int = 10, activation: str | None = None,
-           dropout: float = 0.0, init: str | None = None, seed: int = 0) -> Any:
+           dropout: float = 0.0, init: str | None = None, seed: int = 0, width: int | None = None) -> Any:
     from vitzoo.models.cnn import build_cnn
 
     if in_chans is None:
         in_chans = 1 if variant == "cnn-s" else 3
-    return build_cnn(variant, in_chans, num_classes, activation, dropout, init, seed=seed)
+    return build_cnn(variant, in_chans, num_classes, activation, dropout, init, seed=seed, width=width)
 
 
 def _entrypoint(variant: str, name: str):

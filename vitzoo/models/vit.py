@@ -35,11 +35,24 @@ def vit_args(cfg: ModelConfig, in_chans: int) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"{cfg.variant!r} is not a ViT variant")
     size, _ = parsed
     dim, depth, heads, mlp_ratio = presets.VIT_SIZES[size]
+    if cfg.width is not None:  # the width-scaled ViTs of the phase zoos: heads follow the width
+        dim, heads = cfg.width, width_heads(cfg.width)
+    depth = cfg.depth or depth
     args = dict(embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
                 patch_size=cfg.resolved_patch_size, img_size=cfg.resolved_img_size, in_chans=in_chans)
     if cfg.drop_path_rate:
         args["drop_path_rate"] = cfg.drop_path_rate
     return _ARCH.get(size, "vit_tiny_patch16_224"), args
+
+
+def width_heads(width: int) -> int:
+    """Attention heads of a width-scaled ViT: head dimension 64 as in Ti/S/B (192/3, 384/6, 768/12), one head
+    below width 128. ``model.width`` must be a multiple of 64 from 128 on (checked before training)."""
+    heads = max(1, width // 64)
+    if width % heads:
+        raise ValueError(f"model.width {width} is not divisible into {heads} heads of 64 (use a multiple of 64 from "
+                         f"128, or a width below 128: one head)")
+    return heads
 
 
 def create(arch: str, model_args: dict[str, Any], num_classes: int, seed: int, head: str = "linear",

@@ -50,7 +50,7 @@ def build_cnn_run(spec: RunSpec, num_classes: int, label_names: list[str]) -> Bu
 
     m = spec.config.model
     assert m is not None
-    args = cnn_model_args(spec.config.data.channels, m.activation, m.dropout, m.init)
+    args = cnn_model_args(spec.config.data.channels, m.activation, m.dropout, m.init, m.width)
     net = build_cnn(m.variant, num_classes=num_classes, seed=spec.init_seed, **args)
     pp = preprocessing_for(spec.config.data, m.resolved_img_size)
     return Built(net, lambda: cpu_state(net), TIMM_NAMES[m.variant], args, num_classes, 0, pp, label_names,

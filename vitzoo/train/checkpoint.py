@@ -94,4 +94,4 @@ def finish_run(spec: RunSpec, ctx: RunContext, writer: RunWriter, built: Built, 
         "hardware": ctx.hardware, "device": str(ctx.device), "precision": precision,
     }
     return writer.finalize(config_json=config_json, run_info=run_info, final_epoch=final_epoch, status=status,
-                           files=built.files)
+                           extra_files=built.files)

@@ -73,7 +73,7 @@ def _train_group(runs: list[RunSpec], ctx: RunContext, switch: str) -> Iterator[
     if not pending:
         return
     arch = pending[0].config.model.variant  # type: ignore[union-attr]
-    least = routing.least_stack(ctx.device.type, "resnet18" if arch == "resnet18" else "cnn", switch)
+    least = routing.least_stack(ctx.device.type, routing.family(arch), switch)
     if least is None:
         yield from (train_run(s, ctx) for s in pending)
         return
@@ -83,7 +83,8 @@ def _train_group(runs: list[RunSpec], ctx: RunContext, switch: str) -> Iterator[
         key = (m.activation, m.dropout, m.optimizer, m.betas, m.eps, resume_epoch(RunWriter(ctx.zoo_root, r.run_id)))
         subgroups.setdefault(key, []).append(r)
     c = pending[0].config
-    cap = max_population_size(arch, c.data.channels, ctx.cache.splits(c.data).num_classes, c.batch_size, ctx.device)
+    cap = max_population_size(arch, c.data.channels, ctx.cache.splits(c.data).num_classes, c.batch_size, ctx.device,
+                              width=c.model.width if c.model else None)
     for sub in subgroups.values():
         queue = balanced_chunks(sub, cap)
         while queue:
@@ -152,7 +153,7 @@ class CnnStack:
             raise ValueError("a stack's members resume after the same epoch (the caller groups them)")
         self.P = len(specs)
         pop = self.pop = CnnPopulation(cfg.model.variant, cfg.data.channels, data.num_classes,
-                                       [member_from_run(s) for s in specs], dev, 0)
+                                       [member_from_run(s) for s in specs], dev, 0, cfg.model.width)
         with torch.no_grad():  # each member's (restored) weights, buffers and optimizer buffers as its row
             for i, (net, opt) in enumerate(zip(nets, opts, strict=True)):
                 named = list(net.named_parameters())

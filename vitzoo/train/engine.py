@@ -193,14 +193,31 @@ class ModuleMembers:
         self.total, self.n = torch.zeros((), device=self.ctx.device), 0  # on the device: no host sync per step
 
     def step(self, i: int, lr_factor: float) -> None:
+        """One optimizer step on the next batch; with ``micro_batch_size``, the gradient of the whole batch
+        accumulated over its micro-batches (each loss weighted by its share of the batch)."""
         run, net, optimizer, scaler = self.run, self.run.built.net, self.run.optimizer, self.scaler
         batch = next(self.batches)
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_factor
-        with torch.autocast(self.ctx.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
-            loss, b = run.objective.loss(net, batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        micro = run.spec.config.micro_batch_size
+        parts = split_batch(batch, micro) if micro else [batch]
+        sizes, losses = [], []
+        for k, part in enumerate(parts):
+            with torch.autocast(self.ctx.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
+                loss_i, b_i = run.objective.loss(net, part)
+            sizes.append(b_i)
+            if k == 0:  # after the first forward, as before accumulation existed: the same kernels in the same order
+                optimizer.zero_grad(set_to_none=True)
+            if len(parts) > 1:  # backward per micro-batch: only one micro-batch's activations are alive
+                scaler.scale(loss_i * (b_i / batch_size(batch))).backward()
+                loss_i = loss_i.detach()
+            losses.append(loss_i)
+        if len(parts) == 1:
+            scaler.scale(losses[0]).backward()
+            loss, b = losses[0], sizes[0]
+        else:
+            b = sum(sizes)
+            loss = sum(part_loss.detach() * n for part_loss, n in zip(losses, sizes, strict=True)) / b
         clip = run.spec.config.optimizer.grad_clip
         if clip:
             scaler.unscale_(optimizer)
@@ -232,6 +249,27 @@ class ModuleMembers:
 
     def keep(self, idx: list[int]) -> None:
         pass
+
+
+def batch_size(batch: Any) -> int:
+    """Samples in a batch: the length of its first tensor (a batch is a tuple of tensors, possibly nested)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    return batch_size(batch[0])
+
+
+def split_batch(batch: Any, micro: int) -> list[Any]:
+    """A batch cut into micro-batches of at most ``micro`` samples, every tensor of the (nested) tuple alike."""
+    n = batch_size(batch)
+    if micro >= n:
+        return [batch]
+
+    def part(b: Any, lo: int) -> Any:
+        if isinstance(b, torch.Tensor):
+            return b[lo:lo + micro]
+        return type(b)(part(v, lo) for v in b)
+
+    return [part(batch, lo) for lo in range(0, n, micro)]
 
 
 def _non_finite_loss(metrics: dict[str, Any]) -> bool:

@@ -36,7 +36,7 @@ from vitzoo.train import routing
 EvalSets = dict[str, tuple[Tensor, Tensor]]
 
 #: Architectures the vectorised engine can train (ResNet-18: batchnorm statistics stacked per model).
-VECTORISED_ARCHS = ("cnn-s", "cnn-m", "resnet18")
+VECTORISED_ARCHS = ("cnn-s", "cnn-m", "resnet18", "resnet50")
 #: Update rules the vectorised engine reproduces (the recipe names of vitzoo.presets.OPTIMIZERS).
 OPTIMIZERS = ("adam", "adamw", "sgd", "nesterov")
 
@@ -109,21 +109,22 @@ def free_bytes(device: torch.device) -> int:
 
 
 def max_population_size(arch: str, in_chans: int, num_classes: int, batch_size: int,
-                        device: str | torch.device, fraction: float = 0.5, cap: int = 4096) -> int:
+                        device: str | torch.device, fraction: float = 0.5, cap: int = 4096,
+                        width: int | None = None) -> int:
     """How many models fit in ``fraction`` of the free device memory (an estimate, halved on OOM).
 
     Per model: parameters, gradients and two optimizer buffers plus temporaries (~6 copies of the
     parameters), and forward+backward activations of one batch (~3 copies of the activations).
     """
     dev = torch.device(device)
-    m = build_cnn(arch, in_chans, num_classes)
+    m = build_cnn(arch, in_chans, num_classes, width=width)
     from vitzoo.models.cnn import IMG_SIZE
 
     img = IMG_SIZE.get(arch, 32)
     per_model = 6 * sum(p.numel() * 4 for p in m.parameters())
     per_model += 3 * batch_size * activation_bytes_per_sample(m, (in_chans, img, img))
     if dev.type == "cpu":
-        cap = routing.cpu_cap("cpu", "resnet18" if arch == "resnet18" else "cnn", cap)
+        cap = routing.cpu_cap("cpu", routing.family(arch), cap)
     return int(max(1, min(cap, fraction * free_bytes(dev) // max(per_model, 1))))
 
 
@@ -132,12 +133,12 @@ class CnnPopulation:
     (stacked batchnorm buffers; a vmap-ed forward/backward; the step, evaluation and states of the stack)."""
 
     def __init__(self, arch: str, in_chans: int, num_classes: int, members: Sequence[PopulationMember],
-                 device: torch.device, dropout_seed: int) -> None:
+                 device: torch.device, dropout_seed: int, width: int | None = None) -> None:
         self.members = list(members)
         self.device = device
         self.P = len(members)
         m0 = members[0]
-        models = [build_cnn(arch, in_chans, num_classes, m.activation, m.dropout, m.init, m.init_seed)
+        models = [build_cnn(arch, in_chans, num_classes, m.activation, m.dropout, m.init, m.init_seed, width)
                   for m in members]
         self.template = models[0].to(device)
         self.names = [n for n, _ in self.template.named_parameters()]

@@ -14,7 +14,7 @@ from vitzoo.train.population import PopulationMember
 #: Optimizer names of the recipes the engine implements, and its name for them.
 OPTIMIZERS = {"adam": "adam", "adamw": "adamw", "sgd": "sgd", "nesterov": "nesterov"}
 
-ARCHS = ("cnn-s", "cnn-m", "resnet18")
+ARCHS = ("cnn-s", "cnn-m", "resnet18", "resnet50")
 
 
 class PopulationUnsupported(ValueError):
@@ -40,6 +40,8 @@ def unsupported(run: RunSpec) -> list[str]:
         out.append(f"hflip {a.hflip} (the engine's crop_flip flips with probability 0.5)")
     if c.data.crop_pct != 1.0 and (a.crop_padding or a.hflip):
         out.append(f"crop_pct {c.data.crop_pct} with augmentation (the engine augments the eval-size tensors)")
+    if c.micro_batch_size is not None and c.micro_batch_size < c.batch_size:
+        out.append("micro_batch_size (gradient accumulation is the module backend's)")
     if c.precision in ("bf16", "fp16"):
         out.append(f"precision {c.precision} (the engine trains in fp32)")
     return out

@@ -40,6 +40,12 @@ MIN_STACK: dict[tuple[str, str], int | None] = {
 CPU_MAX_STACK = {"cnn": 64, "resnet18": 64, "twin": 16, "vit-full": 16, "vit-linear": 16}
 
 
+def family(arch: str) -> str:
+    """The stack family of a classic / phase architecture: ``resnet18`` for the ResNets (any width, ResNet-50
+    too: batchnorm stacks, not measured on a GPU), ``cnn`` for CNN-s/CNN-m."""
+    return "resnet18" if arch.startswith("resnet") else "cnn"
+
+
 def switch() -> str:
     """``auto``, ``on`` or ``off`` from :data:`ENV_SWITCH` (an invalid value is an error naming it)."""
     v = os.environ.get(ENV_SWITCH, "auto").strip().lower() or "auto"

@@ -85,6 +85,8 @@ def unsupported(spec: RunSpec, pcfg: dict[str, Any]) -> list[str]:
     out = []
     if cnn_variant(str(pcfg.get("architecture"))) not in VECTORISED_ARCHS:
         out.append(f"parent architecture {pcfg.get('architecture')!r} is not one of {', '.join(VECTORISED_ARCHS)}")
+    if spec.config.micro_batch_size is not None:
+        out.append("micro_batch_size (gradient accumulation is the module backend's)")
     if spec.config.optimizer.name not in OPTIMIZERS:
         out.append(f"optimizer {spec.config.optimizer.name!r} (vectorised: {', '.join(OPTIMIZERS)})")
     return out

@@ -89,6 +89,8 @@ def unsupported(spec: RunSpec, parent_config: dict[str, Any] | None = None) -> l
     out: list[str] = []
     if ft is None:
         return ["not a fine-tuning stage"]
+    if c.micro_batch_size is not None:
+        out.append("micro_batch_size (gradient accumulation is the module backend's)")
     if ft.mode not in ("full", "linear"):
         out.append(f"fine-tuning mode {ft.mode!r} (peft adapters are not stacked; populations: full, linear)")
     if c.objective.name != "supervised":

@@ -103,11 +103,11 @@ class RunWriter:
 
     # ---------------------------------------------------------------- the end
     def finalize(self, *, config_json: dict[str, Any], run_info: dict[str, Any], final_epoch: int,
-                 status: str, files: dict[str, bytes] | None = None) -> dict[str, Any]:
+                 status: str, extra_files: dict[str, bytes] | None = None) -> dict[str, Any]:
         """Consolidate the saved states and write config.json, then run.json (the commit point).
 
         ``final_epoch`` is the state that becomes ``model.safetensors``: the last epoch, or the
-        last good one of a diverged run. States saved after it are dropped. ``files`` (name → bytes) are
+        last good one of a diverged run. States saved after it are dropped. ``extra_files`` (name → bytes) are
         more files of the model folder (a GPT-2's tokenizer), written atomically before run.json; run.json
         lists them with their sha256 under ``files``.
         """
@@ -144,7 +144,7 @@ class RunWriter:
         config_json = {**config_json, "vitzoo": {**config_json.get("vitzoo", {}), "format_version": FORMAT_VERSION}}
         write_json(self.folder / "config.json", config_json)
         extra = {}
-        for name, data in sorted((files or {}).items()):
+        for name, data in sorted((extra_files or {}).items()):
             if "/" in name or name in ("config.json", "run.json") or name.endswith(".safetensors"):
                 raise ValueError(f"{self.run_id}: extra file name {name!r} is reserved or not a plain name")
             atomic_write(self.folder / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
