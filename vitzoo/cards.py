@@ -181,7 +181,7 @@ def load_snippets(repo_id: str, model_id: str, config: dict[str, Any] | None, *,
     ``config`` is the model's config.json (what decides which loaders work). tests/test_hub_loading.py
     runs these exact texts against a Hub server and compares the logits with ``vitzoo.load``'s.
     """
-    from vitzoo.models import cnn_variant, timm_architecture
+    from vitzoo.models import TASK_NAMES, cnn_variant, timm_architecture
 
     rev = revision or "main"
     repo, mid, sub = _q(repo_id), _q(model_id), f"models/{model_id}"
@@ -189,12 +189,19 @@ def load_snippets(repo_id: str, model_id: str, config: dict[str, Any] | None, *,
              f"zoo = vitzoo.load({repo}, revision={_q(rev)})  # the index and cards; weights on demand",
              f"model = zoo.model({mid})  # nn.Module in eval mode; model.pretrained_cfg: its preprocessing",
              f"transform = zoo.transform({mid})  # PIL image -> input tensor"]
+    cfg = config or {}
+    arch = str(cfg.get("architecture") or "")
+    if arch == TASK_NAMES["mlp"]:  # a PINN: points (x, t) in, u out; no preprocessing, no timm
+        lines[-2:] = [f"model = zoo.model({mid})  # nn.Module in eval mode: (N, 2) points [x, t] -> (N, 1) u",
+                      "# u = model(torch.stack([x, t], 1)); config.json's `problem`: the PDE and its domain"]
     if example_epoch is not None:
         lines.append(f"state = zoo.state_dict({mid}, epoch={int(example_epoch)})  # any saved state")
     out: dict[str, Any] = {"vitzoo": "\n".join(lines), "timm": None, "transformers": None, "pipeline": None,
                            "notes": []}
-    cfg = config or {}
-    arch = str(cfg.get("architecture") or "")
+    if arch == TASK_NAMES["mlp"]:
+        out["notes"].append("timm and transformers cannot build this model: a PINN MLP (vitzoo architecture "
+                            f"`{arch}`) takes space-time points, not images; load it with vitzoo.")
+        return out
     name = timm_architecture(arch) if arch else None
     in_chans = int((cfg.get("model_args") or {}).get("in_chans", 3))
     classes = int(cfg.get("num_classes") or 0)
