@@ -173,3 +173,52 @@ def test_micro_batch_size_is_checked() -> None:
         recipe_from_dict(base)
     base["stages"]["train"]["micro_batch_size"] = 64  # larger than the batch: one forward
     recipe_from_dict(base)
+
+
+def test_device_rotation_matches_torchvision() -> None:
+    """The stacks' and TensorFeed's on-device rotation turns images like torchvision's RandomRotation does
+    (nearest pixel, black corners), up to pixels on rounding boundaries."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from vitzoo.train.feed import rotate_by
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, generator=g)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    angles = torch.tensor([-20.0, 7.5, 13.0])
+    ours = rotate_by((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1), angles, tuple((-mean / std).tolist()))
+    for i, a in enumerate(angles.tolist()):
+        ref = (TF.rotate(x[i], a, InterpolationMode.NEAREST, fill=0.0) - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+        same = torch.isclose(ours[i], ref, atol=1e-5).float().mean().item()
+        assert same > 0.97, (a, same)
+    assert torch.equal(rotate_by(x, torch.zeros(3)), x)
+
+
+def test_micro_batch_by_width_follows_the_reference_rule() -> None:
+    """ResNet-50 zoos: w=64 & bs>=1024 -> 512, w=128 & bs>=512 -> 256, w=256 & bs>=256 -> 128 per forward."""
+    plan = expand(load_recipe(Path(__file__).parent.parent / "recipes" / "phase" / "cifar10-resnet50-phase.yaml"))
+    got = {(r.config.model.width, r.config.batch_size): r.config.micro_batch_size for r in plan.runs}
+    want = {(64, 1024): 512, (128, 512): 256, (128, 1024): 256, (256, 256): 128, (256, 512): 128,
+            (256, 1024): 128}
+    assert {k: v for k, v in got.items() if v is not None} == want
+
+
+def test_the_reference_augmentation_is_wired_on_both_paths() -> None:
+    """Crop (pad 4) + flip (not SVHN) + rotation 20 and the per-dataset normalisation: as tensor ops for the
+    device feeds and stacks, as torchvision transforms for the loader path."""
+    from torchvision import transforms as T
+
+    from vitzoo.data.pipeline import preprocessing_for, train_transform
+    from vitzoo.train.feed import device_augment
+
+    root = Path(__file__).parent.parent / "recipes" / "phase"
+    for name, flip in (("cifar10-resnet18-phase", True), ("svhn-resnet18-phase", False)):
+        cfg = expand(load_recipe(root / f"{name}.yaml")).runs[0].config
+        pp = preprocessing_for(cfg.data, 32)
+        assert pp.mean == tuple(cfg.data.mean) and pp.std == tuple(cfg.data.std)
+        aug = device_augment(cfg, pp)
+        assert (aug.pad, aug.flip, aug.rotation) == (4, flip, 20.0)
+        ops = [type(t) for t in train_transform(pp, cfg.aug).transforms]
+        assert T.RandomRotation in ops and (T.RandomHorizontalFlip in ops) == flip
+        assert ops.index(T.RandomCrop) < ops.index(T.RandomRotation)

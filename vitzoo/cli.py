@@ -49,23 +49,27 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
 
 def _cmd_plan(a: argparse.Namespace) -> int:
+    from vitzoo import cost
     from vitzoo.plan import expand, populations
     from vitzoo.recipe import load_recipe
 
     plan = expand(load_recipe(a.recipe))
     if a.json:
-        json.dump({"recipe": plan.recipe.name, "counts": plan.counts(),
+        json.dump({"recipe": plan.recipe.name, "counts": plan.counts(), "storage": cost.storage_json(plan),
                    "runs": [{k: v for k, v in r.to_dict().items() if k != "config"} for r in plan.runs]},
                   sys.stdout, indent=2, default=str)
         print()
         return 0
-    print(f"recipe {plan.recipe.name}: {len(plan.runs)} runs")
+    sizes = {s.stage: s for s in cost.storage(plan)}
+    print(f"recipe {plan.recipe.name}: {len(plan.runs)} runs, checkpoints ~{cost.human(sum(s.bytes_total for s in sizes.values()))}")
     for st in plan.recipe.stages:
         runs = plan.stage_runs(st.name)
         axes = ", ".join(f"{k} ({len(v)})" for k, v in st.grid.items()) or "none"
         groups = populations(runs)
+        s = sizes[st.name]
         print(f"  stage {st.name}: {len(runs)} runs, {st.epochs} epochs, saved epochs {len(st.saved_epochs())}, "
-              f"axes: {axes}; {len(groups)} population(s)")
+              f"axes: {axes}; {len(groups)} population(s); checkpoints ~{cost.human(s.bytes_total)} "
+              f"(largest state {cost.human(s.largest_state)}, float32)")
     shown = plan.runs if a.all else plan.runs[:20]
     for r in shown:
         extra = f" parent={r.parent_id}" if r.parent_id else ""

@@ -71,6 +71,11 @@ class DataConfig:
     ``builtin:arithmetic``, whose tokenizer is trained locally with `tokenizers`."""
     channels: int = 3
     """Channels the model sees: 1 (grayscale) or 3 (RGB); images are converted."""
+    mean: list[float] | None = None
+    """Per-channel normalisation mean (the phase zoos' CIFAR-10 ``[0.4914, 0.4822, 0.4465]``...); default 0.5
+    for the built-ins and grayscale, ImageNet's otherwise. Saved in every model's preprocessing metadata."""
+    std: list[float] | None = None
+    """Per-channel normalisation standard deviation; set with ``mean``."""
     crop_pct: float = 1.0
     """Centre-crop fraction of timm's eval transform: resize to img_size / crop_pct, then crop img_size
     (SVHN's 28 px crop of 32 px images: 0.875). Saved in every model's preprocessing metadata."""
@@ -99,6 +104,13 @@ class DataConfig:
             raise ValueError(f"crop_pct must be in [0.1, 1]; got {self.crop_pct}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3; got {self.channels}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std are set together")
+        for k in ("mean", "std"):
+            v = getattr(self, k)
+            if v is not None and (len(v) != self.channels or (k == "std" and min(v) <= 0)):
+                raise ValueError(f"{k} needs one {'positive ' if k == 'std' else ''}value per channel "
+                                 f"({self.channels}); got {v}")
         for k in ("max_train_samples", "max_eval_samples"):
             v = getattr(self, k)
             if v is not None and v < 1:
@@ -299,6 +311,9 @@ class AugConfig:
     crop_padding: int | None = None
     """Random crop of the image size after zero-padding (black) by this many pixels on every side, the
     CIFAR recipe (``RandomCrop(32, padding=4)``); 0 = off. An alternative to ``scale``, not a companion."""
+    rotation: float | None = None
+    """Random rotation by up to this many degrees either way, after crop and flip, corners black
+    (``RandomRotation(20)`` of the phase-transition zoos); null / 0 = off."""
     rand_augment: str | None = None
     """timm RandAugment config string, e.g. ``rand-m9-mstd0.5-inc1``."""
     mixup: float | None = None
@@ -324,8 +339,13 @@ class AugConfig:
             v = getattr(self, k)
             if v is not None and v < 0:
                 raise ValueError(f"{k} must be >= 0; got {v}")
+        if self.rotation is not None:
+            _check_range("rotation", self.rotation, 0.0, 180.0)
         if self.crop_padding is not None and not (isinstance(self.crop_padding, int) and self.crop_padding >= 0):
             raise ValueError(f"crop_padding must be an integer >= 0 (pixels); got {self.crop_padding!r}")
+        if self.rotation and self.scale is not None:
+            raise ValueError(f"rotation ({self.rotation}) goes with the padded-crop recipe (crop_padding), not with "
+                             "random resized crops (scale); set scale: null")
         if self.crop_padding and self.scale is not None:
             raise ValueError(f"crop_padding ({self.crop_padding}) and scale ({self.scale}) are two different random "
                              "crops; set one (scale: null for the padded crop)")
@@ -445,6 +465,11 @@ class StageConfig:
     batch (one optimizer step per ``batch_size`` samples, the schedule counts optimizer steps). Batchnorm
     statistics see the micro-batch. Must divide batch_size when smaller (a batch no larger than it is one
     forward pass); null = one forward per batch."""
+    micro_batch_by_width: dict[str, int] | None = None
+    """``micro_batch_size`` by model width, for grids whose large widths do not fit a batch on the device: the
+    value of the largest width key at or below ``model.width`` (64 when unset) becomes ``micro_batch_size``,
+    e.g. ``{64: 512, 128: 256, 256: 128}`` (the reference ResNet-50 zoos' rule). Narrower models: one forward
+    per batch. When set, it decides micro_batch_size for every grid point."""
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Mixed precision; auto = bf16 where the device supports it, else fp32."""
     checkpoint_every: int = 1
@@ -473,6 +498,15 @@ class StageConfig:
             raise ValueError("a fine-tuning or sparsification stage inherits its parent's `model`; remove `model`")
         if self.objective.name == "simclr" and self.finetune is not None:
             raise ValueError("fine-tuning stages are supervised; objective simclr is for pre-training")
+        if self.micro_batch_by_width is not None:  # it decides micro_batch_size (recomputed for every grid point)
+            try:
+                rule = sorted((int(w), int(m)) for w, m in self.micro_batch_by_width.items())
+            except ValueError:
+                raise ValueError(f"micro_batch_by_width maps widths to micro-batch sizes (integers); got "
+                                 f"{self.micro_batch_by_width}") from None
+            width = (self.model.width if self.model is not None else None) or 64
+            fitting = [m for w, m in rule if w <= width]
+            self.micro_batch_size = fitting[-1] if fitting and fitting[-1] < self.batch_size else None
         if self.micro_batch_size is not None:
             if self.objective.name == "simclr":
                 raise ValueError("micro_batch_size: SimCLR's loss contrasts the whole batch; it cannot be accumulated")
@@ -583,11 +617,12 @@ class Recipe:
 #: run ids and recipe digests (:func:`identity`), so a zoo made before a field existed keeps its model names
 #: and still resumes. A new field goes here with its default (section ``""`` = the stage itself).
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "": {"micro_batch_size": None},
+    "": {"micro_batch_size": None, "micro_batch_by_width": None},
     "model": {"width": None, "depth": None, "positions": None},
     "objective": {"context_length": 128, "beta": 1.0, "collocation_points": 1000, "initial_points": 256,
                   "boundary_points": 100, "residual_weight": 1.0, "eval_grid": [256, 100]},
-    "data": {"text_column": "text", "tokenizer": None},
+    "data": {"text_column": "text", "tokenizer": None, "mean": None, "std": None},
+    "aug": {"rotation": None},
 }
 
 

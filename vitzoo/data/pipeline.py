@@ -45,6 +45,9 @@ class Preprocessing:
 
 
 def preprocessing_for(cfg: DataConfig, img_size: int) -> Preprocessing:
+    if cfg.mean is not None and cfg.std is not None:  # the recipe's own normalisation (phase zoos)
+        interp = "bilinear" if cfg.source.startswith("builtin:") or cfg.channels == 1 else "bicubic"
+        return Preprocessing(img_size, cfg.channels, tuple(cfg.mean), tuple(cfg.std), interp, cfg.crop_pct)
     if cfg.source.startswith("builtin:") or cfg.channels == 1:
         # Small synthetic/grayscale sets: symmetric normalisation, bilinear upsampling of tiny images.
         return Preprocessing(img_size, cfg.channels, (0.5,) * cfg.channels, (0.5,) * cfg.channels, "bilinear",
@@ -62,7 +65,7 @@ def train_transform(pp: Preprocessing, aug: AugConfig):
     """timm's training transform for an augmentation level; plain eval transform for level none."""
     if _is_plain(aug):
         return eval_transform(pp)
-    if aug.crop_padding:
+    if aug.crop_padding or aug.rotation:
         return _padded_crop_transform(pp, aug)
     scale = tuple(aug.scale) if aug.scale else (1.0, 1.0)
     ratio = (3 / 4, 4 / 3) if aug.scale else (1.0, 1.0)
@@ -74,16 +77,20 @@ def train_transform(pp: Preprocessing, aug: AugConfig):
 
 
 def _padded_crop_transform(pp: Preprocessing, aug: AugConfig):
-    """The CIFAR recipe: eval-size image, random crop after black padding, flip, (RandAugment), normalise,
-    (random erasing); timm's own pieces where it has them."""
+    """The CIFAR recipe: eval-size image, random crop after black padding, flip, (rotation), (RandAugment),
+    normalise, (random erasing); timm's own pieces where it has them."""
     from timm.data.auto_augment import rand_augment_transform
     from timm.data.random_erasing import RandomErasing
     from torchvision import transforms as T
 
     base = eval_transform(pp).transforms[:-2]  # resize + centre crop (ToTensor and Normalize follow below)
-    ops = [*base, T.RandomCrop(pp.img_size, padding=aug.crop_padding, fill=0)]
+    ops = [*base]
+    if aug.crop_padding:
+        ops.append(T.RandomCrop(pp.img_size, padding=aug.crop_padding, fill=0))
     if aug.hflip:
         ops.append(T.RandomHorizontalFlip(aug.hflip))
+    if aug.rotation:
+        ops.append(T.RandomRotation(aug.rotation, fill=0))
     if aug.rand_augment:
         ops.append(rand_augment_transform(aug.rand_augment, {"img_mean": tuple(round(255 * m) for m in pp.mean)}))
     ops += [T.ToTensor(), T.Normalize(pp.mean, pp.std)]
@@ -194,4 +201,5 @@ def train_tensors(cache: DataCache, cfg: DataConfig, pp: Preprocessing, aug: Aug
 
 
 def _is_plain(aug: AugConfig) -> bool:
-    return not aug.scale and not aug.hflip and not aug.rand_augment and not aug.re_prob and not aug.crop_padding
+    return (not aug.scale and not aug.hflip and not aug.rand_augment and not aug.re_prob and not aug.crop_padding
+            and not aug.rotation)

@@ -198,7 +198,7 @@ class CnnStack:
         xb = self.train_x[idx]
         if self.augment is not None:  # each member's own crops and flips, drawn as a run alone draws them
             a = self.augment
-            xb = torch.stack([crop_flip(xb[j], g, a.pad, a.flip, a.fill) for j, g in enumerate(self.gens)])
+            xb = torch.stack([crop_flip(xb[j], g, a.pad, a.flip, a.fill, a.rotation) for j, g in enumerate(self.gens)])
         self.pop.train_step(xb, self.train_y[idx], lr_factor, self.pop.step_count)
 
     def end_epoch(self) -> list[tuple[bool, float]]:

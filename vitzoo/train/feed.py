@@ -64,7 +64,7 @@ class TensorFeed:
             x = self.x[idx]
             if self.augment is not None:
                 assert gen is not None
-                x = crop_flip(x, gen, self.augment.pad, self.augment.flip, self.augment.fill)
+                x = crop_flip(x, gen, self.augment.pad, self.augment.flip, self.augment.fill, self.augment.rotation)
             yield x, self.y[idx]
 
 
@@ -79,12 +79,16 @@ class CropFlip:
     fill: tuple[float, ...] = (0.0,)
     """Padding value per channel, in the (normalised) input space: the value of a black pixel,
     ``-mean / std``, reproduces ``RandomCrop(padding=pad, fill=0)`` applied before normalisation."""
+    rotation: float = 0.0
+    """Random rotation by up to this many degrees either way, after crop and flip (nearest pixel, corners
+    ``fill``), as torchvision's ``RandomRotation(degrees, fill=0)``."""
 
 
 def crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True,
-              fill: Sequence[float] = (0.0,)) -> Tensor:
-    """Random crop (padding ``pad`` filled with ``fill`` per channel) + horizontal flip per sample, on
-    x's device, no host sync. The generator draws the offsets then the flips, whatever is switched off."""
+              fill: Sequence[float] = (0.0,), rotation: float = 0.0) -> Tensor:
+    """Random crop (padding ``pad`` filled with ``fill`` per channel) + horizontal flip per sample, then a
+    random rotation when ``rotation`` > 0, on x's device, no host sync. The generator draws the offsets, then
+    the flips (whatever is switched off), then the angles (only with a rotation: earlier zoos keep their draws)."""
     b, c, h, w = x.shape
     dev = x.device
     xp = x.new_empty(b, c, h + 2 * pad, w + 2 * pad)
@@ -98,7 +102,35 @@ def crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4, flip: bool = 
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     bi = torch.arange(b, device=dev)[:, None, None]
     out = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (b, h, w, c)
-    return out.permute(0, 3, 1, 2).contiguous()
+    out = out.permute(0, 3, 1, 2).contiguous()
+    if rotation:
+        out = rotate(out, generator, rotation, fill)
+    return out
+
+
+def rotate(x: Tensor, generator: torch.Generator, degrees: float, fill: Sequence[float] = (0.0,)) -> Tensor:
+    """Rotate each image by an angle drawn uniformly from ``[-degrees, degrees]`` about its centre (nearest
+    pixel; what falls outside is ``fill``), as ``torchvision.transforms.RandomRotation(degrees, fill=0)``
+    does to a PIL image before normalisation (``fill`` = the normalised value of black)."""
+    u = torch.rand(x.shape[0], generator=generator, device=generator.device).to(x.device)
+    return rotate_by(x, (u * 2 - 1) * degrees, fill)
+
+
+def rotate_by(x: Tensor, degrees: Tensor, fill: Sequence[float] = (0.0,)) -> Tensor:
+    """Rotate image i of ``x`` counter-clockwise by ``degrees[i]`` about its centre (nearest pixel, ``fill``
+    outside)."""
+    import torch.nn.functional as F
+
+    c = x.shape[1]
+    theta = -degrees * (torch.pi / 180)  # affine_grid maps output to input pixels: the inverse rotation
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    zero = torch.zeros_like(cos)
+    # in affine_grid's (x right, y down) normalised coordinates of a square image, torchvision's sign
+    mat = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(mat.to(x.dtype), list(x.shape), align_corners=False)
+    f = torch.as_tensor(fill, dtype=x.dtype, device=x.device).expand(c).view(1, c, 1, 1)
+    # grid_sample pads with zeros: shift so that zero is the fill value
+    return F.grid_sample(x - f, grid, mode="nearest", padding_mode="zeros", align_corners=False) + f
 
 
 def device_augment(cfg: StageConfig, pp: Preprocessing) -> CropFlip | None | bool:
@@ -109,9 +141,9 @@ def device_augment(cfg: StageConfig, pp: Preprocessing) -> CropFlip | None | boo
     a = cfg.aug
     if a.rand_augment or a.mixup or a.cutmix or a.re_prob or a.scale is not None:
         return False
-    if (a.hflip or 0) not in (0.0, 0.5) or (cfg.data.crop_pct != 1.0 and (a.crop_padding or a.hflip)):
+    if (a.hflip or 0) not in (0.0, 0.5) or (cfg.data.crop_pct != 1.0 and (a.crop_padding or a.hflip or a.rotation)):
         return False
-    if not (a.crop_padding or a.hflip):
+    if not (a.crop_padding or a.hflip or a.rotation):
         return None
-    return CropFlip(pad=a.crop_padding or 0, flip=bool(a.hflip),
+    return CropFlip(pad=a.crop_padding or 0, flip=bool(a.hflip), rotation=float(a.rotation or 0.0),
                     fill=tuple(-m / s for m, s in zip(pp.mean, pp.std, strict=True)))

@@ -134,7 +134,6 @@ def generate(recipe_path: str | Path, out: str | Path, *, progress: bool = True,
 def _preflight(plan: Plan, cache, recipe: Recipe) -> None:
     """Open every distinct data source of the plan (cached for training) and check it fits the runs."""
     from vitzoo.data.sources import DataError
-
     from vitzoo.train.tasks import task_module
 
     seen = set()
