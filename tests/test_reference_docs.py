@@ -66,3 +66,19 @@ def test_citations_resolve_and_figures_are_in_the_reference() -> None:
                 assert value in reference, f"{path.name}: expected figure {value} is not in {REFERENCE.name}"
                 checked += 1
     assert checked >= 10, f"only {checked} published figures found in the recipes' Expected lines"
+
+
+def test_phase_recipes_cite_sections_that_exist() -> None:
+    """recipes/phase cite docs/phase-zoos.md (the phase-transition zoos' facts and vitzoo's choices)."""
+    doc = REPO / "docs" / "phase-zoos.md"
+    anchors = _anchors(doc.read_text(encoding="utf-8"))
+    cite = re.compile(r"docs/phase-zoos\.md(?:#([\w-]+))?")
+    recipes = sorted((REPO / "recipes" / "phase").glob("*.yaml"))
+    assert recipes
+    for path in [*recipes, REPO / "recipes" / "phase_demo.yaml"]:
+        if not path.exists():
+            continue
+        found = cite.findall(path.read_text(encoding="utf-8"))
+        assert found or path.name == "phase_demo.yaml", f"{path.name} does not cite docs/phase-zoos.md"
+        for anchor in found:
+            assert not anchor or anchor in anchors, f"{path.name}: no section #{anchor} in phase-zoos.md"
