@@ -12,6 +12,10 @@ and the share of wall time in the zoo writer (``RunWriter`` calls).
 
     python benchmarks/population.py --train-size 600 --test-size 100 --epochs 2 --sizes 16,64 --threads 1
     python benchmarks/population.py --arch resnet18 --train-size 512 --test-size 128 --epochs 1 --sizes 4
+    python benchmarks/population.py --arch phase-resnet18 --width 2 --batch-size 128 --sizes 8
+
+``--arch phase-resnet18``: one cell of recipes/phase/cifar10-resnet18-phase.yaml (SGD + OneCycle, crop +
+flip + rotation 20, per-dataset normalisation) at ``--width`` and ``--batch-size``, seeds 1..P.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from seed_zoo import REPO, Timer, synthetic_mnist  # noqa: E402
 
 RECIPES = {"cnn-s": REPO / "recipes/classic/mnist-cnn-s-seed.yaml",
-           "resnet18": REPO / "recipes/classic/cifar10-resnet18-seed.yaml"}
+           "resnet18": REPO / "recipes/classic/cifar10-resnet18-seed.yaml",
+           "phase-resnet18": REPO / "recipes/phase/cifar10-resnet18-phase.yaml"}
 
 
 def run(args: argparse.Namespace, data: Path, work: Path, n_models: int, switch: str) -> dict[str, Any]:
@@ -45,7 +50,11 @@ def run(args: argparse.Namespace, data: Path, work: Path, n_models: int, switch:
     st = doc["stages"]["train"]
     st["data"].update(source=f"parquet:{data}", val_size=max(1, args.train_size // 6))
     st["data"].pop("train_split", None), st["data"].pop("test_split", None)
+    st["data"].update(image_column="image", label_column="label")  # the synthetic parquet's columns
     st["epochs"], st["seeds"]["init"] = args.epochs, f"1..{n_models}"
+    if args.arch.startswith("phase-"):  # one cell of the phase grid: the seeds of a (width, batch size)
+        st.pop("grid")
+        st["model"]["width"], st["batch_size"] = args.width, args.batch_size
     recipe = work / f"{switch}-{n_models}.yaml"
     recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
     out = work / f"zoo-{switch}-{n_models}"
@@ -79,6 +88,8 @@ def main() -> None:
     ap.add_argument("--train-size", type=int, default=6000)
     ap.add_argument("--test-size", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    ap.add_argument("--width", type=int, default=2, help="phase-resnet18: the ResNet width")
+    ap.add_argument("--batch-size", type=int, default=128, help="phase-resnet18: the batch size")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     if args.threads:
@@ -88,7 +99,8 @@ def main() -> None:
     data = synthetic_mnist(work / "data", args.train_size, args.test_size, channels=channels, size=size)
     env = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(), "arch": args.arch,
-           "train_size": args.train_size, "test_size": args.test_size, "epochs": args.epochs}
+           "train_size": args.train_size, "test_size": args.test_size, "epochs": args.epochs,
+           **({"width": args.width, "batch_size": args.batch_size} if args.arch.startswith("phase-") else {})}
     print(json.dumps(env))
     rows = []
     for p in (int(s) for s in args.sizes.split(",")):

@@ -74,7 +74,8 @@ def _assert_states_close(a: Any, b: Any, mid: str, rtol: float = 1e-4, atol: flo
 # --------------------------------------------------------------------------- the stack's step
 
 
-def test_resnet_stack_equals_modules_with_batchnorm_and_augmentation() -> None:
+@pytest.mark.parametrize(("width", "rotation"), [(None, 0.0), (2, 20.0)], ids=["classic", "phase-w2-rotation"])
+def test_resnet_stack_equals_modules_with_batchnorm_and_augmentation(width, rotation) -> None:
     """ResNet-18 stacked: per-member batchnorm statistics and crop/flip streams give plain modules' states
     (running statistics included), and a diverging member is frozen without touching the others.
 
@@ -83,19 +84,20 @@ def test_resnet_stack_equals_modules_with_batchnorm_and_augmentation() -> None:
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        _resnet_stack_vs_modules()
+        _resnet_stack_vs_modules(width, rotation)
     finally:
         torch.set_default_dtype(dtype)
 
 
-def _resnet_stack_vs_modules() -> None:
+def _resnet_stack_vs_modules(width: int | None, rotation: float) -> None:
+    """(width, rotation): the phase zoos' case is a width-2 ResNet with rotation on top of crop and flip."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
     members = [PopulationMember(s, s, "sgd", 0.05, 5e-4, 0.9) for s in (1, 2)]
     members.append(PopulationMember(3, 3, "sgd", 1e30, 0.0, 0.9))  # diverges: frozen, statistics included
     aug = CropFlip(fill=(-1.0, -2.0, -0.5))
-    pop = CnnPopulation("resnet18", 3, 10, members, torch.device("cpu"), 0)
-    nets = [build_cnn("resnet18", 3, 10, seed=m.init_seed) for m in members]
+    pop = CnnPopulation("resnet18", 3, 10, members, torch.device("cpu"), 0, width)
+    nets = [build_cnn("resnet18", 3, 10, seed=m.init_seed, width=width) for m in members]
     opts = [torch.optim.SGD(n.parameters(), lr=m.lr, momentum=m.momentum, weight_decay=m.weight_decay, foreach=False)
             for n, m in zip(nets, members, strict=True)]
     frozen = [True] * 3
@@ -107,11 +109,11 @@ def _resnet_stack_vs_modules() -> None:
         ref_gens = [augment_generator(m.data_seed, epoch) for m in members]
         for s in range(2):
             idx = torch.stack([p[s * batch:(s + 1) * batch] for p in perms])
-            xb = torch.stack([crop_flip(x[idx[i]], gens[i], aug.pad, aug.flip, aug.fill) for i in range(3)])
+            xb = torch.stack([crop_flip(x[idx[i]], gens[i], aug.pad, aug.flip, aug.fill, rotation) for i in range(3)])
             factor = lr_factor("onecycle", step, total)
             pop.train_step(xb, y[idx], factor, step)
             for i, (net, opt, m) in enumerate(zip(nets, opts, members, strict=True)):
-                xi = crop_flip(x[idx[i]], ref_gens[i], aug.pad, aug.flip, aug.fill)
+                xi = crop_flip(x[idx[i]], ref_gens[i], aug.pad, aug.flip, aug.fill, rotation)
                 if not frozen[i]:
                     continue
                 before = copy.deepcopy(net.state_dict())
