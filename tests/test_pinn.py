@@ -286,3 +286,11 @@ def test_new_fields_leave_existing_run_ids_alone() -> None:
         assert k not in ident
     changed = dataclasses.asdict(_cfg(collocation_points=2000))
     assert identity(changed)["objective"]["collocation_points"] == 2000
+
+
+def test_a_non_finite_pinn_loss_marks_the_run_diverged(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, grid={"beta": [1.0]}, optimizer={"name": "sgd", "lr": 1e30, "momentum": 0.0})
+    generate(recipe, tmp_path / "div", progress=False, log=lambda m: None)
+    idx = pd.read_parquet(tmp_path / "div" / "index.parquet")
+    assert idx["status"].tolist() == ["diverged"] and idx["epoch"].tolist() == [0], "keeps its last good epoch"
+    assert math.isfinite(idx["test_rel_l2"].iloc[0])
