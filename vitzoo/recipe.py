@@ -167,9 +167,10 @@ class ModelConfig:
                              f"{', '.join(presets.TASK_VARIANTS)})")
         if self.positions is not None and self.variant != "gpt2":
             raise ValueError("positions applies to gpt2 only")
-        if vit is not None and self.width is not None and self.width >= 128 and self.width % 64:
-            raise ValueError(f"width: a ViT's heads have 64 dimensions from width 128 on (one head below), so the "
-                             f"width must be a multiple of 64 there; got {self.width}")
+        if (vit is not None or self.variant == "gpt2") and self.width is not None and self.width >= 128 \
+                and self.width % 64:
+            raise ValueError(f"width: a {'ViT' if vit else 'GPT-2'}'s heads have 64 dimensions from width 128 on (one "
+                             f"head below), so the width must be a multiple of 64 there; got {self.width}")
         if vit is not None:
             img, patch = self.resolved_img_size, self.resolved_patch_size
             if img % patch:
@@ -537,7 +538,8 @@ class StageConfig:
         if obj == "pinn" and src != "builtin:convection":
             raise ValueError(f"data.source: objective pinn draws its own collocation points; set data: "
                              f"builtin:convection (got {src!r})")
-        if obj == "causal_lm" and (builtin_task not in (None, "causal_lm") or src.startswith("imagefolder:")):
+        if obj == "causal_lm" and (src.startswith("builtin:") and builtin_task != "causal_lm"
+                                   or src.startswith("imagefolder:")):
             raise ValueError(f"data.source: objective causal_lm reads text (builtin:arithmetic, hf:<id>, "
                              f"parquet:<path>); got {src!r}")
         if builtin_task is not None and obj != builtin_task:
