@@ -26,7 +26,12 @@ import pandas as pd
 TEMPLATE_DIRS = (Path(__file__).resolve().parent / "model_cards", Path(__file__).resolve().parent.parent / "model_cards")
 ZOO_TEMPLATE = "zoo_card.md"
 MODEL_TEMPLATE = "model_card.md"
-ACC_COLUMNS = ("test_acc", "val_acc", "train_acc")
+#: A stage's headline metric: the first of these its final states have, and whether higher is better. Language
+#: models: perplexity (their next-token ``*_acc`` is recorded but not the headline); PINNs: relative L2 error of
+#: the solution; image classifiers: accuracy. Cards, plots and ``vitzoo info`` all read this one table.
+HEADLINE_METRICS = (("test_perplexity", False), ("val_perplexity", False), ("test_rel_l2", False),
+                    ("test_acc", True), ("val_acc", True), ("train_acc", True))
+ACC_COLUMNS = tuple(c for c, _ in HEADLINE_METRICS)
 KEY_COLUMNS = ("model.variant", "objective.name", "optimizer.name", "optimizer.lr", "optimizer.weight_decay",
                "aug.level", "finetune.mode", "finetune.head", "data.source", "epochs")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -56,10 +61,21 @@ def _fmt(v: Any) -> str:
 
 
 def _acc_column(df: pd.DataFrame) -> str | None:
+    """The headline metric column of ``df`` (see :data:`HEADLINE_METRICS`), or None."""
     for c in ACC_COLUMNS:
         if c in df.columns and df[c].notna().any():
             return c
     return None
+
+
+def higher_is_better(col: str) -> bool:
+    """Whether a larger value of headline metric ``col`` is better (accuracy) or worse (perplexity, error)."""
+    return dict(HEADLINE_METRICS).get(col, True)
+
+
+def metric_label(col: str) -> str:
+    """``test perplexity (lower is better)``: how cards name a headline metric."""
+    return f"{col.replace('_', ' ')} ({'higher' if higher_is_better(col) else 'lower'} is better)"
 
 
 def _hub_datasets(values: Any) -> list[str]:
@@ -91,8 +107,9 @@ def accuracy_plot(df: pd.DataFrame, stage: str, path: Path) -> Path | None:
     fig = Figure(figsize=(5, 3))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.hist(values, bins=40, range=(0, 1), color="#4C72B0")  # fixed 0.025-wide bins: comparable across zoos
-    ax.set_xlabel(f"final {col.replace('_', ' ')}")
+    bounded = col.endswith("_acc")  # accuracies: fixed 0.025-wide bins, comparable across zoos
+    ax.hist(values, bins=40, range=(0, 1) if bounded else None, color="#4C72B0")
+    ax.set_xlabel(f"final {metric_label(col)}")
     ax.set_ylabel("models")
     ax.set_title(f"{stage}: {len(values)} models, median {values.median():.3f}")
     fig.tight_layout()
@@ -194,6 +211,10 @@ def load_snippets(repo_id: str, model_id: str, config: dict[str, Any] | None, *,
     if arch == TASK_NAMES["mlp"]:  # a PINN: points (x, t) in, u out; no preprocessing, no timm
         lines[-2:] = [f"model = zoo.model({mid})  # nn.Module in eval mode: (N, 2) points [x, t] -> (N, 1) u",
                       "# u = model(torch.stack([x, t], 1)); config.json's `problem`: the PDE and its domain"]
+    gpt = cfg.get("model_type") == "gpt2"
+    if gpt:  # a transformers GPT-2: tokens in, next-token logits out; its folder holds its tokenizer
+        lines[-2:] = [f"model = zoo.model({mid})  # GPT2LMHeadModel in eval mode: input_ids -> next-token logits",
+                      "# the tokenizer is in the model's folder: see the transformers snippet"]
     if example_epoch is not None:
         lines.append(f"state = zoo.state_dict({mid}, epoch={int(example_epoch)})  # any saved state")
     out: dict[str, Any] = {"vitzoo": "\n".join(lines), "timm": None, "transformers": None, "pipeline": None,
@@ -201,6 +222,17 @@ def load_snippets(repo_id: str, model_id: str, config: dict[str, Any] | None, *,
     if arch == TASK_NAMES["mlp"]:
         out["notes"].append("timm and transformers cannot build this model: a PINN MLP (vitzoo architecture "
                             f"`{arch}`) takes space-time points, not images; load it with vitzoo.")
+        return out
+    if gpt:
+        out["transformers"] = "\n".join([
+            "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f"model = AutoModelForCausalLM.from_pretrained({repo}, subfolder={_q(sub)},",
+            f"{' ' * len('model = AutoModelForCausalLM.from_pretrained(')}revision={_q(rev)}).eval()",
+            f"tokenizer = AutoTokenizer.from_pretrained({repo}, subfolder={_q(sub)}, revision={_q(rev)})",
+            "# logits = model(**tokenizer(text, return_tensors='pt')).logits",
+        ])
+        out["notes"].append("timm cannot build this model (a GPT-2 language model, not an image model); "
+                            "transformers and vitzoo load it.")
         return out
     name = timm_architecture(arch) if arch else None
     in_chans = int((cfg.get("model_args") or {}).get("in_chans", 3))
@@ -289,6 +321,7 @@ def zoo_card(zoo_dir: str | Path, *, repo_id: str | None = None, revision: str |
             "done": int((fin["status"] == "done").sum()) if "status" in fin else "-",
             "diverged": int((fin["status"] == "diverged").sum()) if "status" in fin else "-",
             "epochs": f"{int(df['epoch'].min())}-{int(df['epoch'].max())}" if len(df) else "-",
+            "metric": metric_label(col) if col else "-",
             "median_acc": _fmt(acc.median()) if len(acc) else "-",
             "range_acc": f"{acc.min():.3f}-{acc.max():.3f}" if len(acc) else "-",
         })
@@ -300,7 +333,7 @@ def zoo_card(zoo_dir: str | Path, *, repo_id: str | None = None, revision: str |
             src = fin["data.source"].dropna().iloc[0] if "data.source" in fin.columns and fin["data.source"].notna().any() \
                 else "unknown"
             evals.append(EvalResult(task_type="image-classification", dataset_type=str(src), dataset_name=str(src),
-                                    dataset_split=col.split("_")[0], metric_type="accuracy",
+                                    dataset_split=col.split("_")[0], metric_type=col.split("_", 1)[1],
                                     metric_name=f"median final {col.replace('_', ' ')} ({stage})",
                                     metric_value=round(float(acc.median()), 6)))
     data = ModelCardData(

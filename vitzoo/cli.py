@@ -86,17 +86,24 @@ def _zoo_summary(zoo: Any, source: str, revision: str | None) -> dict[str, Any]:
         info = zoo.info
     except Exception:  # noqa: BLE001 - a zoo without zoo.json (e.g. converted) is still readable
         logger.debug("zoo %s has no readable zoo.json", source, exc_info=True)
+    from vitzoo.cards import _acc_column, higher_is_better
+
     m = zoo.models
     stages = {}
     for stage, g in m.groupby("stage", sort=False):
         acc = g["test_acc"].dropna() if "test_acc" in g else g.iloc[0:0]
         q = [float(x) for x in acc.quantile([0, 0.25, 0.5, 0.75, 1]).tolist()] if len(acc) else None
+        col = _acc_column(g)  # the stage's headline metric (perplexity for language models)
+        hv = g[col].dropna().astype(float) if col else g.iloc[0:0]
+        hq = [float(x) for x in hv.quantile([0, 0.25, 0.5, 0.75, 1]).tolist()] if len(hv) else None
         stages[str(stage)] = {
             "models": int(len(g)),
             "states": int((zoo.index["stage"] == stage).sum()),
             "status": {str(k): int(v) for k, v in g["status"].value_counts().items()},
             "diverged": int((g["status"] == "diverged").sum()),
             "test_acc": dict(zip(("min", "q1", "median", "q3", "max"), q)) if q else None,
+            "headline": ({"metric": col, "higher_is_better": higher_is_better(col),
+                          **dict(zip(("min", "q1", "median", "q3", "max"), hq))} if col and hq else None),
         }
     src = zoo.source
     return {
@@ -137,8 +144,11 @@ def _cmd_info(a: argparse.Namespace) -> int:
               f"wall time {s['wall_time_s'] or 0:.0f} s")
     for stage, st in s["stages"].items():
         line = f"  {stage}: {st['models']} models, {st['diverged']} diverged, {st['states']} states"
-        if st["test_acc"]:
-            line += f"; test acc min/q1/median/q3/max {[round(v, 3) for v in st['test_acc'].values()]}"
+        h = st["headline"]
+        if h:
+            vals = [round(h[k], 4) for k in ("min", "q1", "median", "q3", "max")]
+            better = "higher" if h["higher_is_better"] else "lower"
+            line += f"; {h['metric'].replace('_', ' ')} ({better} is better) min/q1/median/q3/max {vals}"
         print(line)
     return 0
 
