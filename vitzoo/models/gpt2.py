@@ -50,15 +50,15 @@ def heads(width: int) -> int:
 
 def gpt2_config(vocab_size: int, width: int | None = None, depth: int | None = None, positions: int | None = None,
                 dropout: float = 0.0, eos_token_id: int | None = None, attn_implementation: str = ATTENTION):
-    """The transformers ``GPT2Config`` of a vitzoo GPT-2 (``eos_token_id`` doubles as BOS and padding: GPT-2's
-    tokenizer has one special token)."""
+    """The transformers ``GPT2Config`` of a vitzoo GPT-2: ``eos_token_id`` doubles as BOS (GPT-2's tokenizer has
+    one special token); no padding id, as GPT-2 (blocks are never padded)."""
     from transformers import GPT2Config
 
     width, depth, positions = width or WIDTH, depth or DEPTH, positions or POSITIONS
     eos = vocab_size - 1 if eos_token_id is None else eos_token_id
     return GPT2Config(vocab_size=vocab_size, n_embd=width, n_layer=depth, n_head=heads(width), n_positions=positions,
                       resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=eos,
-                      eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True,
+                      eos_token_id=eos, tie_word_embeddings=True,
                       architectures=[ARCHITECTURE], attn_implementation=attn_implementation)
 
 
