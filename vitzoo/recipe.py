@@ -144,7 +144,7 @@ class ModelConfig:
     """CNN dropout probability (after the activation, as in the reference); GPT-2 residual, embedding and
     attention dropout."""
     init: str | None = None
-    """CNN / MLP init scheme: U, N, KU, KN, xavier (biases 0.01, as in the reference)."""
+    """CNN / MLP init scheme: U, N, KU, KN, xavier (CNN biases 0.01, as in the reference; PINN MLP biases 0)."""
 
     def __post_init__(self) -> None:
         vit = presets.parse_vit_variant(self.variant)

@@ -252,10 +252,14 @@ def _render_cards(out: Path) -> None:
 
 
 def _summary(info: dict[str, Any]) -> str:
+    from vitzoo.cards import HEADLINE_METRICS
+
     h = info["history"][-1] if info.get("history") else {}
-    acc = h.get("test_acc") if h.get("test_acc") is not None else h.get("val_acc")
-    accs = f"{acc:.3f}" if isinstance(acc, (int, float)) else "n/a"
-    return (f"{info['run_id']}: {info['status']} epoch {info['final_epoch']} test_acc {accs} "
+    # the stage's headline (perplexity, PINN error, accuracy): the first of cards.HEADLINE_METRICS it has
+    col = next((c for c, _ in HEADLINE_METRICS if isinstance(h.get(c), (int, float))), "test_acc")
+    value = h.get(col)
+    shown = f"{value:.4g}" if isinstance(value, (int, float)) else "n/a"
+    return (f"{info['run_id']}: {info['status']} epoch {info['final_epoch']} {col} {shown} "
             f"({info.get('wall_time_s', 0):.1f}s)")
 
 
