@@ -60,7 +60,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _acc_column(df: pd.DataFrame) -> str | None:
+def headline_column(df: pd.DataFrame) -> str | None:
     """The headline metric column of ``df`` (see :data:`HEADLINE_METRICS`), or None."""
     for c in ACC_COLUMNS:
         if c in df.columns and df[c].notna().any():
@@ -100,7 +100,7 @@ def accuracy_plot(df: pd.DataFrame, stage: str, path: Path) -> Path | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    col = _acc_column(df)
+    col = headline_column(df)
     if col is None:
         return None
     values = df[col].dropna().astype(float)
@@ -314,7 +314,7 @@ def zoo_card(zoo_dir: str | Path, *, repo_id: str | None = None, revision: str |
     sources = idx["data.source"].dropna().unique() if "data.source" in idx.columns else []
     for stage, df in idx.groupby("stage", sort=True):
         fin = finals[finals["stage"] == stage]
-        col = _acc_column(fin)
+        col = headline_column(fin)
         acc = fin[col].dropna().astype(float) if col else pd.Series(dtype=float)
         stages.append({
             "name": stage, "models": fin["model_id"].nunique(), "states": len(df),

@@ -86,14 +86,14 @@ def _zoo_summary(zoo: Any, source: str, revision: str | None) -> dict[str, Any]:
         info = zoo.info
     except Exception:  # noqa: BLE001 - a zoo without zoo.json (e.g. converted) is still readable
         logger.debug("zoo %s has no readable zoo.json", source, exc_info=True)
-    from vitzoo.cards import _acc_column, higher_is_better
+    from vitzoo.cards import headline_column, higher_is_better
 
     m = zoo.models
     stages = {}
     for stage, g in m.groupby("stage", sort=False):
         acc = g["test_acc"].dropna() if "test_acc" in g else g.iloc[0:0]
         q = [float(x) for x in acc.quantile([0, 0.25, 0.5, 0.75, 1]).tolist()] if len(acc) else None
-        col = _acc_column(g)  # the stage's headline metric (perplexity for language models)
+        col = headline_column(g)  # the stage's headline metric (perplexity for language models)
         hv = g[col].dropna().astype(float) if col else g.iloc[0:0]
         hq = [float(x) for x in hv.quantile([0, 0.25, 0.5, 0.75, 1]).tolist()] if len(hv) else None
         stages[str(stage)] = {

@@ -48,20 +48,30 @@ def load_splits(cfg: DataConfig) -> SplitData:
     if kind == "builtin":
         dd = BUILTINS[ref]()
         name = f"vitzoo-builtin/{ref}"
-    elif kind == "hf":
+    else:
+        dd, name = open_source(cfg)
+    return _split(dd, cfg, name)
+
+
+def open_source(cfg: DataConfig) -> tuple[datasets.DatasetDict, str]:
+    """The ``datasets.DatasetDict`` and the name (for cards) of an ``hf:``, ``imagefolder:`` or ``parquet:``
+    source, images or text alike (vitzoo.data.text reads text sources through it). Raises DataError naming
+    ``data.source``."""
+    kind, _, ref = cfg.source.partition(":")
+    if kind == "hf":
         try:
             dd = datasets.load_dataset(ref, cfg.config, revision=cfg.revision)
-        except (DatasetNotFoundError, FileNotFoundError, ValueError) as e:  # unknown repo, config or revision
+        except (DatasetNotFoundError, FileNotFoundError, ValueError, ConnectionError) as e:
+            # unknown repo, config or revision; an unreachable Hub
             raise DataError(f"data.source: cannot load Hub dataset {ref!r} (config {cfg.config!r}, revision "
                             f"{cfg.revision!r}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         _check_pin(dd, cfg)
-        name = ref
-    elif kind == "imagefolder":
+        return dd, ref
+    if kind == "imagefolder":
         if not Path(ref).is_dir():
             raise DataError(f"data.source: image folder {ref!r} does not exist")
-        dd = datasets.load_dataset("imagefolder", data_dir=ref)
-        name = Path(ref).name
-    elif kind == "parquet":
+        return datasets.load_dataset("imagefolder", data_dir=ref), Path(ref).name
+    if kind == "parquet":
         p = Path(ref)
         if p.is_dir():
             files = {s: [str(f) for f in sorted(p.glob(f"{s}*.parquet"))] for s in
@@ -71,11 +81,20 @@ def load_splits(cfg: DataConfig) -> SplitData:
             files = {cfg.train_split: [str(p)]}
         else:
             raise DataError(f"data.source: parquet path {ref!r} does not exist")
-        dd = datasets.load_dataset("parquet", data_files=files)
-        name = p.name
-    else:  # DataConfig validated the prefix
-        raise DataError(f"data.source: unknown kind {kind!r}")
-    return _split(dd, cfg, name)
+        return datasets.load_dataset("parquet", data_files=files), p.name
+    raise DataError(f"data.source: unknown kind {kind!r}")  # DataConfig validated the prefix
+
+
+def carve_val(train: datasets.Dataset, cfg: DataConfig, unit: str = "samples") -> tuple[datasets.Dataset,
+                                                                                       datasets.Dataset]:
+    """``(train, val)``: ``val_size`` (or ``val_fraction``) of ``train`` carved off with ``split_seed``, a
+    deterministic carve, so every model of a zoo sees the same split (images or text documents alike)."""
+    if cfg.val_size is not None and cfg.val_size >= len(train):
+        raise DataError(f"data.val_size: {cfg.val_size} validation {unit} requested from a train split of "
+                        f"{len(train)} ({cfg.source}:{cfg.train_split})")
+    size = cfg.val_size if cfg.val_size is not None else cfg.val_fraction
+    parts = train.train_test_split(test_size=size, seed=cfg.split_seed, shuffle=True)
+    return parts["train"], parts["test"]
 
 
 def loaded_commit(dd: datasets.DatasetDict) -> str | None:
@@ -119,13 +138,8 @@ def _split(dd: datasets.DatasetDict, cfg: DataConfig, name: str) -> SplitData:
     train = get(cfg.train_split, "train_split")
     if cfg.val_split is not None:
         val = get(cfg.val_split, "val_split")
-    else:  # deterministic carve: the same split for every model of the zoo
-        if cfg.val_size is not None and cfg.val_size >= len(train):
-            raise DataError(f"data.val_size: {cfg.val_size} validation samples requested from a train split of "
-                            f"{len(train)} ({cfg.source}:{cfg.train_split})")
-        size = cfg.val_size if cfg.val_size is not None else cfg.val_fraction
-        parts = train.train_test_split(test_size=size, seed=cfg.split_seed, shuffle=True)
-        train, val = parts["train"], parts["test"]
+    else:
+        train, val = carve_val(train, cfg)
     test = get(cfg.test_split, "test_split") if cfg.test_split is not None else None
     if cfg.max_train_samples is not None and len(train) > cfg.max_train_samples:
         train = train.select(range(cfg.max_train_samples))

@@ -37,7 +37,7 @@ import datasets
 import numpy as np
 import torch
 
-from vitzoo.data.sources import DataError, _check_pin
+from vitzoo.data.sources import DataError, carve_val, open_source
 from vitzoo.recipe import DataConfig
 
 EOS = "<|endoftext|>"
@@ -115,26 +115,8 @@ def _load(cfg: DataConfig, context_length: int) -> TextData:
     kind, _, ref = cfg.source.partition(":")
     if kind == "builtin":
         dd, name = arithmetic(), f"vitzoo-builtin/{ref}"
-    elif kind == "hf":
-        try:
-            dd = datasets.load_dataset(ref, cfg.config, revision=cfg.revision)
-        except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ValueError, ConnectionError) as e:
-            raise DataError(f"data.source: cannot load Hub dataset {ref!r} (config {cfg.config!r}, revision "
-                            f"{cfg.revision!r}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-        _check_pin(dd, cfg)
-        name = ref
-    elif kind == "parquet":
-        p = Path(ref)
-        if p.is_dir():
-            files = {s: [str(f) for f in sorted(p.glob(f"{s}*.parquet"))] for s in
-                     {cfg.train_split, cfg.val_split, cfg.test_split} - {None}}
-            files = {k: v for k, v in files.items() if v}
-        elif p.is_file():
-            files = {cfg.train_split: [str(p)]}
-        else:
-            raise DataError(f"data.source: parquet path {ref!r} does not exist")
-        dd = datasets.load_dataset("parquet", data_files=files)
-        name = p.name
+    elif kind in ("hf", "parquet"):
+        dd, name = open_source(cfg)
     else:  # the recipe refuses imagefolder sources for causal_lm
         raise DataError(f"data.source: objective causal_lm reads text; got {cfg.source!r}")
 
@@ -151,13 +133,8 @@ def _load(cfg: DataConfig, context_length: int) -> TextData:
     tokenizer = _tokenizer(cfg, train)
     if cfg.val_split is not None:
         val = get(cfg.val_split, "val_split")
-    else:  # deterministic carve of documents: the same split for every model of the zoo
-        if cfg.val_size is not None and cfg.val_size >= len(train):
-            raise DataError(f"data.val_size: {cfg.val_size} validation documents requested from a train split of "
-                            f"{len(train)} ({cfg.source}:{cfg.train_split})")
-        size = cfg.val_size if cfg.val_size is not None else cfg.val_fraction
-        parts = train.train_test_split(test_size=size, seed=cfg.split_seed, shuffle=True)
-        train, val = parts["train"], parts["test"]
+    else:  # documents carved, as images are
+        train, val = carve_val(train, cfg, unit="documents")
     test = get(cfg.test_split, "test_split") if cfg.test_split is not None else None
     block = context_length + 1
     out = {s: blocks(ds, cfg.text_column, tokenizer, block, cap)
