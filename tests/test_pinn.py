@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from resume_check import assert_kill_and_resume_is_exact
 
 import vitzoo
 from vitzoo.data.sources import DataError
@@ -225,22 +226,7 @@ def test_micro_zoo_end_to_end(tmp_path: Path) -> None:
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, grid={"beta": [5.0]}, checkpoint_epochs=[2])
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    generate(recipe, whole, progress=False, log=lambda m: None)
-    with pytest.raises(KeyboardInterrupt):
-        generate(recipe, cut, progress=False, log=lambda m: None, stop_after_epoch=1)
-    logs: list[str] = []
-    generate(recipe, cut, progress=False, log=logs.append)
-    assert any("resuming after epoch 1" in m for m in logs)
-    a, b = vitzoo.load(whole), vitzoo.load(cut)
-    assert a.model_ids() == b.model_ids()
-    for mid in a.model_ids():
-        assert a.epochs(mid) == b.epochs(mid) == [0, 2, 3]
-        for e in a.epochs(mid):
-            sa, sb = a.state_dict(mid, e), b.state_dict(mid, e)
-            assert all(torch.equal(sa[k], sb[k]) for k in sa), f"{mid} epoch {e} differs after resume"
-    ia, ib = pd.read_parquet(whole / "index.parquet"), pd.read_parquet(cut / "index.parquet")
-    assert ia["test_rel_l2"].tolist() == ib["test_rel_l2"].tolist()
+    assert_kill_and_resume_is_exact(recipe, tmp_path, "test_rel_l2", [0, 2, 3])
 
 
 # --------------------------------------------------------------------------- refused inputs
