@@ -12,8 +12,7 @@ import datasets
 import pandas as pd
 import pytest
 import torch
-import yaml
-from resume_check import assert_kill_and_resume_is_exact
+from task_helpers import assert_kill_and_resume_is_exact, write_recipe
 
 import vitzoo
 from vitzoo.data import text
@@ -40,15 +39,7 @@ MICRO = {
 
 
 def _recipe(tmp_path: Path, name: str = "micro.yaml", **train) -> Path:
-    data = json.loads(json.dumps(MICRO))
-    for k, v in train.items():
-        if isinstance(v, dict) and isinstance(data["stages"]["train"].get(k), dict):
-            data["stages"]["train"][k].update(v)
-        else:
-            data["stages"]["train"][k] = v
-    p = tmp_path / name
-    p.write_text(yaml.safe_dump(data, sort_keys=False))
-    return p
+    return write_recipe(MICRO, tmp_path, name, **train)
 
 
 # --------------------------------------------------------------------------- the network

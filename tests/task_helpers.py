@@ -1,13 +1,17 @@
-"""The one kill-and-resume check of the task tests: a zoo generated in one go and one killed after epoch 1
-(``stop_after_epoch``) then resumed save the same states bit for bit and index the same ``metric``."""
+"""What the task tests (language model, PINN) share: a micro recipe with overrides, and the kill-and-resume
+check (a zoo generated in one go and one killed after epoch 1, then resumed, save the same states bit for bit
+and index the same ``metric``)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 import vitzoo
 from vitzoo.train.generate import generate
@@ -30,3 +34,16 @@ def assert_kill_and_resume_is_exact(recipe: Path, tmp_path: Path, metric: str, e
             assert all(torch.equal(sa[k], sb[k]) for k in sa), f"{mid} epoch {e} differs after resume"
     ia, ib = pd.read_parquet(whole / "index.parquet"), pd.read_parquet(cut / "index.parquet")
     assert ia[metric].tolist() == ib[metric].tolist()
+
+
+def write_recipe(base: dict[str, Any], tmp_path: Path, name: str = "micro.yaml", **train: Any) -> Path:
+    """``base`` (a one-stage ``train`` recipe) with ``train`` overrides (a section's keys merged), as a file."""
+    data = json.loads(json.dumps(base))
+    for k, v in train.items():
+        if isinstance(v, dict) and isinstance(data["stages"]["train"].get(k), dict):
+            data["stages"]["train"][k].update(v)
+        else:
+            data["stages"]["train"][k] = v
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
