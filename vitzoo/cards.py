@@ -68,6 +68,18 @@ def headline_column(df: pd.DataFrame) -> str | None:
     return None
 
 
+def hub_task(objectives: Any) -> str | None:
+    """The Hub task of models trained with these objectives (pipeline tag, tag, model-index task type):
+    ``text-generation`` for language models, ``image-classification`` for the image stages, None for PINNs
+    (the Hub has no task for a PDE solution)."""
+    names = {str(o) for o in objectives if isinstance(o, str)} or {"supervised"}
+    if names <= {"causal_lm"}:
+        return "text-generation"
+    if names <= {"pinn"}:
+        return None
+    return "image-classification"
+
+
 def higher_is_better(col: str) -> bool:
     """Whether a larger value of headline metric ``col`` is better (accuracy) or worse (perplexity, error)."""
     return dict(HEADLINE_METRICS).get(col, True)
@@ -312,6 +324,7 @@ def zoo_card(zoo_dir: str | Path, *, repo_id: str | None = None, revision: str |
     repo = repo_id or f"<org>/{facts.name}"
     stages, plot_rows, evals = [], [], []
     sources = idx["data.source"].dropna().unique() if "data.source" in idx.columns else []
+    task = hub_task(idx["objective.name"].dropna().unique() if "objective.name" in idx.columns else [])
     for stage, df in idx.groupby("stage", sort=True):
         fin = finals[finals["stage"] == stage]
         col = headline_column(fin)
@@ -329,17 +342,17 @@ def zoo_card(zoo_dir: str | Path, *, repo_id: str | None = None, revision: str |
             rel = f"plots/accuracy_{stage}.png"
             if accuracy_plot(fin, str(stage), facts.root / rel) is not None:
                 plot_rows.append({"stage": stage, "path": rel})
-        if len(acc):
+        if len(acc) and task is not None:
             src = fin["data.source"].dropna().iloc[0] if "data.source" in fin.columns and fin["data.source"].notna().any() \
                 else "unknown"
-            evals.append(EvalResult(task_type="image-classification", dataset_type=str(src), dataset_name=str(src),
+            evals.append(EvalResult(task_type=task, dataset_type=str(src), dataset_name=str(src),
                                     dataset_split=col.split("_")[0], metric_type=col.split("_", 1)[1],
                                     metric_name=f"median final {col.replace('_', ' ')} ({stage})",
                                     metric_value=round(float(acc.median()), 6)))
     data = ModelCardData(
         license=license or facts.info.get("license") or "mit", library_name="vitzoo",
-        tags=["vitzoo", "model-zoo", "weight-space-learning", "image-classification"],
-        datasets=_hub_datasets(sources) or None, pipeline_tag="image-classification",
+        tags=["vitzoo", "model-zoo", "weight-space-learning", *([task] if task else ["pinn"])],
+        datasets=_hub_datasets(sources) or None, pipeline_tag=task,
         model_name=facts.name if evals else None, eval_results=evals or None,
     )
     grid = facts.grid()
@@ -434,12 +447,13 @@ def model_card(zoo_dir: str | Path, model_id: str, *, repo_id: str | None = None
     repo = repo_id or f"<org>/{facts.name}"
     src = final.get("data.source") if "data.source" in rows.columns else None
     results, evals = [], []
+    task = hub_task([final.get("objective.name")])
     for split in ("train", "val", "test"):
         loss, acc = final.get(f"{split}_loss"), final.get(f"{split}_acc")
         if _fmt(loss) != "-" or _fmt(acc) != "-":
             results.append({"split": split, "loss": _fmt(loss), "acc": _fmt(acc)})
-        if split != "train" and _fmt(acc) != "-":
-            evals.append(EvalResult(task_type="image-classification", dataset_type=str(src or "unknown"),
+        if split != "train" and _fmt(acc) != "-" and task is not None:
+            evals.append(EvalResult(task_type=task, dataset_type=str(src or "unknown"),
                                     dataset_name=str(src or "unknown"), dataset_split=split, metric_type="accuracy",
                                     metric_value=round(float(acc), 6)))
     from vitzoo.zoo.index import as_list
@@ -454,9 +468,9 @@ def model_card(zoo_dir: str | Path, model_id: str, *, repo_id: str | None = None
     base = pretrained[0] if pretrained else (repo_id if parent and repo_id else None)
     data = ModelCardData(
         license=license or facts.info.get("license") or "mit", library_name="vitzoo",
-        tags=["vitzoo", "model-zoo", f"stage:{final['stage']}", "image-classification"],
+        tags=["vitzoo", "model-zoo", f"stage:{final['stage']}", *([task] if task else ["pinn"])],
         datasets=_hub_datasets([src]) or None, base_model=base, model_name=model_id if evals else None,
-        eval_results=evals or None, pipeline_tag="image-classification",
+        eval_results=evals or None, pipeline_tag=task,
         vitzoo={"zoo": repo, "model_id": model_id, "stage": str(final["stage"]), "parent_id": parent,
                 "parent_epoch": None if _fmt(final.get("parent_epoch")) == "-" else str(final.get("parent_epoch")),
                 "status": str(final.get("status"))},
