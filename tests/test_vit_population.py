@@ -143,7 +143,9 @@ def test_other_optimizers_and_augmentation(tmp_path: Path, case: str) -> None:
     """Nesterov SGD and coupled-decay Adam with gradient clipping; augmented batches (random resized crop,
     flip) with label smoothing and momentum SGD: each member's loader draws from its own parked RNG state,
     as when trained alone; bf16 autocast (agreement to bf16 rounding only: 8 mantissa bits)."""
-    tol = {"rtol": 1e-2, "atol": 1e-2, "acc_atol": 0.05} if case == "bf16" else {}
+    # float32: torch >= 2.14 reorders float32 sums, as in the test above (measured: 1 weight of 1,024 off by 1.5e-5
+    # under 2.14.1 at the commit before this session's changes, same failure)
+    tol = {"rtol": 1e-2, "atol": 1e-2, "acc_atol": 0.05} if case == "bf16" else {"rtol": 1e-3, "atol": 5e-5}
     if case == "bf16":
         ft_cfg = {"precision": "bf16", "grid": {"mode": ["full", "linear"]}}
     elif case == "optimizers":
