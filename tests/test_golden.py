@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "golden"))
-from record import CASES, HERE, run_case  # noqa: E402
+from record import CASES, HERE, platform_facts, run_case  # noqa: E402
 
 
 def _close(a: float, b: float, rtol: float, atol: float) -> bool:
@@ -80,18 +80,13 @@ def test_training_paths_match_fixtures(case, tmp_path):
 
 
 def _platform_note() -> str:
-    """Why fixtures can differ without a change of semantics: they were recorded under another torch."""
-    import platform
-
-    import torch
-
-    rec = json.loads((HERE / "platform.json").read_text())
-    here = {"torch": torch.__version__, "machine": platform.machine()}
+    """Why fixtures can differ without a change of semantics: recorded under another torch or CPU."""
+    rec, here = json.loads((HERE / "platform.json").read_text()), platform_facts()
     if all(rec.get(k) == v for k, v in here.items()):
         return ""
-    return (f" (recorded under torch {rec.get('torch')} on {rec.get('machine')}, running torch {here['torch']} on "
-            f"{here['machine']}: kernels differ by up to ~4e-4 relative between torch releases; re-record at the "
-            "last commit that passed, then compare, see tests/golden/record.py)")
+    return (f" (recorded under {rec}, running under {here}: CPU kernels of another torch release or vector ISA "
+            "round differently, up to ~4e-4 relative here; re-record at the last commit that passed, then compare: "
+            "tests/golden/record.py)")
 
 
 def test_compare_detects_a_change():

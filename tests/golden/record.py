@@ -17,9 +17,10 @@ Record (CPU, one thread; rewrite only in a commit that says which outputs change
     python tests/golden/record.py            # all cases
     python tests/golden/record.py cnn-on     # one case
 
-``platform.json`` says under which torch and machine they were recorded. Another torch release changes CPU
-kernels (up to ~4e-4 relative in these micro zoos, measured 2.14.1 against the first recording): then
-re-record at the last commit that passed (a worktree), and compare the change against those.
+``platform.json`` says under which torch and CPU capability they were recorded. Another torch release or
+another CPU (AVX2 against AVX-512 kernels) changes float rounding: up to ~4e-4 relative in these micro zoos,
+measured on an AVX2 AMD EPYC against the first recording (torch 2.14.1 both times, by the previous session's
+README). Then re-record at the last commit that passed (a worktree) and compare the change against those.
 """
 
 from __future__ import annotations
@@ -93,12 +94,17 @@ def main(cases: list[str]) -> None:
         path = HERE / f"{case}.json"
         path.write_text(json.dumps(fp, indent=1, sort_keys=True) + "\n")
         print(f"{case}: {len(fp)} models, {sum(len(m['tensors']) for m in fp.values())} tensors -> {path}")
+    (HERE / "platform.json").write_text(json.dumps(platform_facts(), indent=1) + "\n")
+
+
+def platform_facts() -> dict[str, str]:
+    """What decides the CPU kernels' float rounding: the torch release and the vector ISA it dispatches to."""
     import platform
 
     import torch
 
-    (HERE / "platform.json").write_text(json.dumps({"torch": torch.__version__, "machine": platform.machine()},
-                                                   indent=1) + "\n")
+    return {"torch": torch.__version__, "machine": platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 if __name__ == "__main__":
