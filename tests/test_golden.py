@@ -28,7 +28,14 @@ def _close(a: float, b: float, rtol: float, atol: float) -> bool:
     return math.isclose(a, b, rel_tol=rtol, abs_tol=atol) or (math.isnan(a) and math.isnan(b))
 
 
-def compare(expected: dict, got: dict) -> tuple[list[str], int]:
+#: Tolerances when the fixtures were recorded on another platform (torch release, CPU ISA): measured drift
+#: between an AVX2 and the recording machine, same torch, was up to 4.1e-4 (tensors) and 2.1e-5 (history);
+#: a change of semantics (data order, last batch, an update rule) moves these micro zoos by 1e-2 and more.
+OTHER_PLATFORM = {"tensor_rtol": 2e-3, "history_rtol": 2e-4, "loose_sums": True}
+
+
+def compare(expected: dict, got: dict, tensor_rtol: float = 1e-5, history_rtol: float = 1e-6,
+            loose_sums: bool = False) -> tuple[list[str], int]:
     """Differences (empty = equal) and how many tensors matched only to tolerance."""
     errors: list[str] = []
     approx = 0
@@ -47,7 +54,7 @@ def compare(expected: dict, got: dict) -> tuple[list[str], int]:
                 for col, ev in er.items():
                     gv = gr[col]
                     if isinstance(ev, float) and isinstance(gv, (int, float)):
-                        if not _close(ev, float(gv), 1e-6, 1e-9):
+                        if not _close(ev, float(gv), history_rtol, 1e-9):
                             errors.append(f"{mid}: epoch {er['epoch']} {col} = {gv!r}, expected {ev!r}")
                     elif ev != gv:
                         errors.append(f"{mid}: epoch {er['epoch']} {col} = {gv!r}, expected {ev!r}")
@@ -61,7 +68,12 @@ def compare(expected: dict, got: dict) -> tuple[list[str], int]:
             if (ev["dtype"], ev["shape"]) != (gv["dtype"], gv["shape"]):
                 errors.append(f"{mid}: {key}: {gv['dtype']}{gv['shape']}, expected {ev['dtype']}{ev['shape']}")
             elif ev["sha256"] != gv["sha256"]:
-                if _close(ev["sum"], gv["sum"], 1e-5, 1e-7) and _close(ev["norm"], gv["norm"], 1e-5, 1e-7):
+                # a sum of many signed values cancels: its tolerance scales with the norm (Cauchy-Schwarz bound)
+                n = math.prod(ev["shape"]) or 1
+                sum_atol = max(tensor_rtol * 1e-2, tensor_rtol * ev["norm"] * math.sqrt(n)) if loose_sums else \
+                    tensor_rtol * 1e-2
+                if (_close(ev["sum"], gv["sum"], tensor_rtol, sum_atol)
+                        and _close(ev["norm"], gv["norm"], tensor_rtol, tensor_rtol * 1e-2)):
                     approx += 1
                 else:
                     errors.append(f"{mid}: {key}: sum {gv['sum']:.9g} norm {gv['norm']:.9g}, "
@@ -72,7 +84,10 @@ def compare(expected: dict, got: dict) -> tuple[list[str], int]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_training_paths_match_fixtures(case, tmp_path):
     expected = json.loads((HERE / f"{case}.json").read_text())
-    errors, approx = compare(expected, run_case(case, tmp_path / "zoo"))
+    note = _platform_note()
+    errors, approx = compare(expected, run_case(case, tmp_path / "zoo"), **(OTHER_PLATFORM if note else {}))
+    if note and approx:
+        warnings.warn(f"{case}: compared at the other-platform tolerance{note}", stacklevel=1)
     assert not errors, (f"{case}: {len(errors)} differences from tests/golden/{case}.json{_platform_note()}:\n"
                         + "\n".join(errors[:40]))
     if approx:
@@ -100,3 +115,18 @@ def test_compare_detects_a_change():
     got[mid]["history"][-1]["val_acc"] = -1.0
     errors, _ = compare(expected, got)
     assert any(key in e for e in errors) and any("val_acc" in e for e in errors)
+
+
+def test_other_platform_tolerance_still_detects_a_change():
+    """The looser comparison used when fixtures come from another CPU/torch accepts the measured kernel drift
+    (AVX2 against the first recording) but not a 1% change of one tensor or a changed metric."""
+    expected = json.loads((HERE / "cnn-on.json").read_text())
+    got = json.loads(json.dumps(expected))
+    mid = sorted(got)[0]
+    key = sorted(got[mid]["tensors"])[-1]
+    got[mid]["tensors"][key].update(sha256="0" * 64, norm=got[mid]["tensors"][key]["norm"] * 1.01)
+    errors, _ = compare(expected, got, **OTHER_PLATFORM)
+    assert any(key in e for e in errors)
+    got = json.loads(json.dumps(expected))
+    got[mid]["history"][-1]["val_loss"] *= 1.01
+    assert compare(expected, got, **OTHER_PLATFORM)[0]
