@@ -58,8 +58,8 @@ def _state_bytes(key: str) -> int:
         elif variant == "mlp":
             from vitzoo.models import mlp
 
-            return 4 * mlp.num_params(*(v for v in (mlp.model_args(m["width"], m["depth"], None, m["init"])[k]
-                                                    for k in ("width", "depth"))))
+            args = mlp.model_args(m["width"], m["depth"], None, m["init"])
+            return 4 * mlp.num_params(args["width"], args["depth"])
         elif variant in ("cnn-s", "cnn-m", "resnet18", "resnet50"):
             from vitzoo.models.cnn import build_cnn
 
