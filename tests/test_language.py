@@ -212,6 +212,7 @@ def test_micro_zoo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "timm.create_model" not in model_card and "zoo.transform" not in model_card
     assert "test perplexity (lower is better)" in card
     assert "pipeline_tag: text-generation" in card and "pipeline_tag: text-generation" in model_card
+    assert "| split | loss | accuracy | perplexity |" in model_card
     assert "image-classification" not in card.split("---")[1]  # the YAML metadata
     from vitzoo.cli import main
 

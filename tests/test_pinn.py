@@ -211,6 +211,7 @@ def test_micro_zoo_end_to_end(tmp_path: Path) -> None:
     card = (out / "README.md").read_text()
     assert "pinn-micro" in card
     model_card = (out / "models" / plan.runs[0].run_id / "README.md").read_text()
+    assert "| split | loss | accuracy | relative L2 error |" in model_card
     assert "pipeline_tag" not in card.split("---")[1] and "image-classification" not in model_card.split("---")[1]
     assert "vitzoo_mlp" in model_card and "points [x, t]" in model_card
     assert "timm.create_model" not in model_card and "zoo.transform" not in model_card, "no image loaders for a PINN"

@@ -68,6 +68,10 @@ def headline_column(df: pd.DataFrame) -> str | None:
     return None
 
 
+#: Per-split metrics of the non-image tasks (``test_perplexity``...) and their column title in model cards.
+TASK_METRICS = {"perplexity": "perplexity", "rel_l2": "relative L2 error"}
+
+
 def hub_task(objectives: Any) -> str | None:
     """The Hub task of models trained with these objectives (pipeline tag, tag, model-index task type):
     ``text-generation`` for language models, ``image-classification`` for the image stages, None for PINNs
@@ -448,10 +452,14 @@ def model_card(zoo_dir: str | Path, model_id: str, *, repo_id: str | None = None
     src = final.get("data.source") if "data.source" in rows.columns else None
     results, evals = [], []
     task = hub_task([final.get("objective.name")])
+    # the task's own metric beside loss and accuracy: perplexity (language models), the PINN's relative L2 error
+    extra = next((m for m in TASK_METRICS if any(_fmt(final.get(f"{s}_{m}")) != "-"
+                                                             for s in ("train", "val", "test"))), None)
     for split in ("train", "val", "test"):
         loss, acc = final.get(f"{split}_loss"), final.get(f"{split}_acc")
         if _fmt(loss) != "-" or _fmt(acc) != "-":
-            results.append({"split": split, "loss": _fmt(loss), "acc": _fmt(acc)})
+            results.append({"split": split, "loss": _fmt(loss), "acc": _fmt(acc),
+                            "extra": _fmt(final.get(f"{split}_{extra}")) if extra else "-"})
         if split != "train" and _fmt(acc) != "-" and task is not None:
             evals.append(EvalResult(task_type=task, dataset_type=str(src or "unknown"),
                                     dataset_name=str(src or "unknown"), dataset_split=split, metric_type="accuracy",
@@ -485,7 +493,8 @@ def model_card(zoo_dir: str | Path, model_id: str, *, repo_id: str | None = None
         stage=final["stage"], status=final.get("status"), final_epoch=int(final["epoch"]),
         parent_id=parent, parent_epoch=None if _fmt(final.get("parent_epoch")) == "-" else final.get("parent_epoch"),
         factors=factors, init_seed=_fmt(final.get("init_seed")), data_seed=_fmt(final.get("data_seed")),
-        repeat=None if _fmt(final.get("repeat")) == "-" else final.get("repeat"), results=results, curve=curve,
+        repeat=None if _fmt(final.get("repeat")) == "-" else final.get("repeat"), results=results,
+        extra=TASK_METRICS.get(extra or ""), curve=curve,
         n_checkpoints=len(rows) - 1, example_epoch=int(rows["epoch"].min()), revision=revision or "main",
         snippets=load_snippets(repo, model_id, _model_config(facts.root, model_id), revision=revision,
                                example_epoch=int(rows["epoch"].min())),
