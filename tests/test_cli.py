@@ -156,3 +156,24 @@ def test_exit_code_table_names_real_classes_and_matches_the_readme():
     assert sorted(map(int, table)) == sorted(errors.EXIT_MEANINGS), "the README's table lists every exit status"
     for code, meaning in errors.EXIT_MEANINGS.items():
         assert table[str(code)].split(" (")[0] == meaning.split(" (")[0]
+
+
+def test_index_dataset_before_the_positionals_does_not_swallow_the_zoo(tmp_path, capsys):
+    """`push --index-dataset zoos/x org/x` used to take the zoo folder as the dataset name; now refused, saying
+    where the flag goes (the value stays optional after the positionals)."""
+    from vitzoo.cli import main
+
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    with pytest.raises(SystemExit) as info:
+        main(["push", "--index-dataset", str(zoo), "org/zoo"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "it is a local path" in err and "after the zoo folder and repo id" in err
+    import argparse
+
+    from vitzoo.cli_hub import _IndexDatasetName
+
+    ns = argparse.Namespace()
+    _IndexDatasetName(["--index-dataset"], "index_dataset", nargs="?")(argparse.ArgumentParser(), ns, "org/zoo-index")
+    assert ns.index_dataset == "org/zoo-index"

@@ -37,6 +37,7 @@ def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -
     p.add_argument("--no-cards", action="store_true",
                    help="push README.md/model cards as they are instead of re-rendering them from the index")
     p.add_argument("--index-dataset", nargs="?", const=True, default=None, metavar="ORG/NAME-INDEX",
+                   action=_IndexDatasetName,
                    help="also publish index.parquet (and analysis.parquet when present) as a dataset repo, "
                         "browsable in the Hub's table viewer and loadable with datasets.load_dataset "
                         "(default name: REPO_ID-index); recorded in zoo.json so the zoo card links it")
@@ -52,6 +53,21 @@ def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -
     c.add_argument("--name", default=None, help="zoo name (default: the output folder's name)")
     c.add_argument("--architecture", default=None, help="vitzoo architecture (default: inferred: vitzoo_cnn_s, ...)")
     c.set_defaults(fn=cmd_convert)
+
+
+class _IndexDatasetName(argparse.Action):
+    """``--index-dataset [ORG/NAME]``: its optional value would swallow the zoo folder when the flag comes
+    first (``push --index-dataset zoos/x org/x``); a value that is a local path is refused, saying why."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from pathlib import Path
+
+        if isinstance(values, str) and (Path(values).exists() or values.count("/") != 1):
+            parser.error(f"--index-dataset {values!r}: not a Hub dataset id ORG/NAME"
+                         f"{' (it is a local path)' if Path(values).exists() else ''}; put --index-dataset after "
+                         "the zoo folder and repo id, or write --index-dataset=ORG/NAME")
+        setattr(namespace, self.dest, values)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
