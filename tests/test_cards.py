@@ -155,3 +155,24 @@ def test_cards_explain_models_timm_cannot_build(make_zoo):
     text = (zoo / "models" / mid / "README.md").read_text()
     assert len(_code_blocks(text)) == 1 and "timm.create_model" not in text
     assert "> timm and transformers cannot build this model" in text and "`vitzoo/test-mlp`" in text
+
+
+def test_vit_zoos_carry_the_timm_tag_and_no_dead_package_link():
+    import pandas as pd
+
+    from vitzoo.cards import _has_vits
+
+    assert _has_vits(pd.DataFrame({"model.variant": ["micro", None]}))
+    assert not _has_vits(pd.DataFrame({"model.variant": ["cnn-s", "resnet18", "gpt2"]}))
+    assert not _has_vits(pd.DataFrame({"stage": ["x"]}))
+    from pathlib import Path
+
+    template = (Path(__file__).parent.parent / "model_cards" / "zoo_card.md").read_text()
+    assert "pypi.org/project/vitzoo" not in template  # vitzoo is not on PyPI: no link to a page that does not exist
+
+
+def test_a_generated_vit_zoo_card_is_tagged_timm(tiny_zoo):
+    from vitzoo.cards import zoo_card
+
+    meta = str(zoo_card(tiny_zoo, plots=False)).split("---")[1]
+    assert "- timm" in meta and "pipeline_tag: image-classification" in meta

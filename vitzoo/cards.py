@@ -72,6 +72,14 @@ def headline_column(df: pd.DataFrame) -> str | None:
 TASK_METRICS = {"perplexity": "perplexity", "rel_l2": "relative L2 error"}
 
 
+def _has_vits(idx: pd.DataFrame) -> bool:
+    """Whether a zoo holds ViTs (timm models, loadable with ``timm.create_model`` without vitzoo)."""
+    from vitzoo.presets import parse_vit_variant
+
+    variants = idx["model.variant"].dropna().unique() if "model.variant" in idx.columns else []
+    return any(parse_vit_variant(str(v)) for v in variants)
+
+
 def hub_task(objectives: Any) -> str | None:
     """The Hub task of models trained with these objectives (pipeline tag, tag, model-index task type):
     ``text-generation`` for language models, ``image-classification`` for the image stages, None for PINNs
@@ -355,7 +363,8 @@ def zoo_card(zoo_dir: str | Path, *, repo_id: str | None = None, revision: str |
                                     metric_value=round(float(acc.median()), 6)))
     data = ModelCardData(
         license=license or facts.info.get("license") or "mit", library_name="vitzoo",
-        tags=["vitzoo", "model-zoo", "weight-space-learning", *([task] if task else ["pinn"])],
+        tags=["vitzoo", "model-zoo", "weight-space-learning", *([task] if task else ["pinn"]),
+              *(["timm"] if _has_vits(idx) else [])],
         datasets=_hub_datasets(sources) or None, pipeline_tag=task,
         model_name=facts.name if evals else None, eval_results=evals or None,
     )
