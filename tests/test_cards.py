@@ -176,3 +176,19 @@ def test_a_generated_vit_zoo_card_is_tagged_timm(tiny_zoo):
 
     meta = str(zoo_card(tiny_zoo, plots=False)).split("---")[1]
     assert "- timm" in meta and "pipeline_tag: image-classification" in meta
+
+
+def test_model_index_dataset_types_are_hub_ids():
+    from vitzoo.cards import dataset_type
+
+    assert dataset_type("hf:uoft-cs/cifar10") == "uoft-cs/cifar10"
+    assert dataset_type("builtin:digits") == "vitzoo-builtin/digits"
+    assert dataset_type("parquet:/data/my_set") == "my_set"
+    assert dataset_type(None) == "unknown"
+
+
+def test_generated_card_model_index_uses_the_dataset_id(tiny_zoo):
+    from vitzoo.cards import zoo_card
+
+    meta = str(zoo_card(tiny_zoo, plots=False)).split("---")[1]
+    assert "type: vitzoo-builtin/" in meta and "type: builtin:" not in meta

@@ -111,6 +111,20 @@ def _hub_datasets(values: Any) -> list[str]:
     return sorted(set(out))
 
 
+def dataset_type(source: Any) -> str:
+    """model-index ``dataset.type`` of a recipe's data source: its Hub id (``uoft-cs/cifar10`` for
+    ``hf:uoft-cs/cifar10``), ``vitzoo-builtin/<name>`` for the built-ins (the name the data layer gives them),
+    else the folder or file name."""
+    s = str(source or "unknown")
+    hub = _hub_datasets([s])
+    if hub:
+        return hub[0]
+    kind, _, ref = s.partition(":")
+    if kind == "builtin":
+        return f"vitzoo-builtin/{ref}"
+    return Path(ref).name if ref else s
+
+
 def _save_png(fig: Any, path: Path) -> Path:
     """Write a figure atomically, without a timestamp, so equal data gives equal bytes."""
     from vitzoo.zoo.io import atomic_write
@@ -357,7 +371,7 @@ def zoo_card(zoo_dir: str | Path, *, repo_id: str | None = None, revision: str |
         if len(acc) and task is not None:
             src = fin["data.source"].dropna().iloc[0] if "data.source" in fin.columns and fin["data.source"].notna().any() \
                 else "unknown"
-            evals.append(EvalResult(task_type=task, dataset_type=str(src), dataset_name=str(src),
+            evals.append(EvalResult(task_type=task, dataset_type=dataset_type(src), dataset_name=str(src),
                                     dataset_split=col.split("_")[0], metric_type=col.split("_", 1)[1],
                                     metric_name=f"median final {col.replace('_', ' ')} ({stage})",
                                     metric_value=round(float(acc.median()), 6)))
@@ -470,7 +484,7 @@ def model_card(zoo_dir: str | Path, model_id: str, *, repo_id: str | None = None
             results.append({"split": split, "loss": _fmt(loss), "acc": _fmt(acc),
                             "extra": _fmt(final.get(f"{split}_{extra}")) if extra else "-"})
         if split != "train" and _fmt(acc) != "-" and task is not None:
-            evals.append(EvalResult(task_type=task, dataset_type=str(src or "unknown"),
+            evals.append(EvalResult(task_type=task, dataset_type=dataset_type(src),
                                     dataset_name=str(src or "unknown"), dataset_split=split, metric_type="accuracy",
                                     metric_value=round(float(acc), 6)))
     from vitzoo.zoo.index import as_list
