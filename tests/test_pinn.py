@@ -147,7 +147,7 @@ def test_points_are_a_function_of_the_data_seed() -> None:
     assert float(x.min()) >= 0 and float(x.max()) < 2 * math.pi and float(t.min()) >= 0 and float(t.max()) <= 1
     assert float(x.max()) > 6.0 and float(t.max()) > 0.95, "the whole domain is covered"
     assert torch.equal(a.initial[:, 1], torch.zeros(40)) and torch.allclose(a.initial_u, torch.sin(a.initial[:, 0]))
-    feed = pinn.CollocationFeed(a, 7, 128)
+    feed = pinn.collocation_feed(a, 7, 128)
     assert feed.steps == 4
     e1, e1b, e2 = list(feed.epoch(1)), list(feed.epoch(1)), list(feed.epoch(2))
     assert [len(b[0]) for b in e1] == [128, 128, 128, 116]

@@ -13,7 +13,7 @@ Parts (assembled by :func:`build` into a :class:`~vitzoo.train.engine.ModuleRun`
   at ``t = 0`` and boundary times, each set drawn by a CPU ``torch.Generator`` seeded with
   :func:`~vitzoo.train.seeds.mix` of the run's data seed and the set's tag: a pure function of the seeds,
   the same on every device; no data is read, so a PINN zoo builds fully offline;
-- feed (:class:`CollocationFeed`): an *epoch* is one pass over the collocation points in the order
+- feed (:func:`collocation_feed`, a TensorFeed): an *epoch* is one pass over the collocation points in the order
   :func:`~vitzoo.train.seeds.epoch_order` gives, in batches of ``batch_size``; every step also sees all the
   initial and boundary points (a few hundred). Why so: the engine's epoch is its unit of evaluation,
   history and checkpoints, and a PINN's steps are cheap (a few thousand points), so an epoch of one
@@ -36,7 +36,6 @@ residual); an explicit bf16/fp16 is refused by :func:`preflight`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -48,7 +47,8 @@ from vitzoo.plan import RunSpec
 from vitzoo.recipe import StageConfig
 from vitzoo.train.build import make_optimizer
 from vitzoo.train.context import Built, RunContext, cpu_state
-from vitzoo.train.seeds import epoch_order, mix, steps_per_epoch
+from vitzoo.train.feed import TensorFeed
+from vitzoo.train.seeds import mix
 
 #: The spatial period (the x domain is ``[0, L)``) and the time horizon.
 LENGTH, HORIZON = 2 * math.pi, 1.0
@@ -120,35 +120,29 @@ def pinn_loss(net: nn.Module, collocation: Tensor, initial: Tensor, initial_u: T
     return residual_weight * parts["residual"] + parts["ic"] + parts["bc"], parts
 
 
-class CollocationFeed:
+def collocation_feed(points: ConvectionPoints, data_seed: int, batch_size: int) -> TensorFeed:
     """One epoch: the collocation points in :func:`~vitzoo.train.seeds.epoch_order`, ``batch_size`` at a
-    time (the one last-batch rule), each batch with every initial and boundary point."""
-
-    def __init__(self, points: ConvectionPoints, data_seed: int, batch_size: int):
-        self.points, self.data_seed, self.batch_size = points, data_seed, batch_size
-        self.steps = steps_per_epoch(len(points.collocation), batch_size)
-
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
-        p, b = self.points, self.batch_size
-        order = epoch_order(self.data_seed, epoch, len(p.collocation)).to(p.collocation.device)
-        for i in range(self.steps):
-            yield p.collocation[order[i * b:(i + 1) * b]], p.initial, p.initial_u, p.boundary_t
+    time (the one last-batch rule): the engine's :class:`~vitzoo.train.feed.TensorFeed` over them (the
+    second tensor is a placeholder; the initial and boundary points of every step are the objective's)."""
+    c = points.collocation
+    return TensorFeed(c, torch.zeros(len(c), device=c.device), data_seed, batch_size)
 
 
 class PinnLoss:
-    """The objective the engine steps: :func:`pinn_loss` of a batch; ``n`` = its collocation points."""
+    """The objective the engine steps: :func:`pinn_loss` of a batch of collocation points with every initial
+    and boundary point; ``n`` = its collocation points."""
 
     equal_batches = False
 
-    def __init__(self, beta: float, residual_weight: float):
-        self.beta, self.residual_weight = beta, residual_weight
+    def __init__(self, beta: float, residual_weight: float, points: ConvectionPoints):
+        self.beta, self.residual_weight, self.points = beta, residual_weight, points
 
     def start_epoch(self, epoch: int) -> None:
         pass
 
-    def loss(self, net: nn.Module, batch: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, int]:
-        collocation, initial, initial_u, boundary_t = batch
-        loss, _ = pinn_loss(net, collocation, initial, initial_u, boundary_t, self.beta, self.residual_weight)
+    def loss(self, net: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
+        collocation, p = batch[0], self.points
+        loss, _ = pinn_loss(net, collocation, p.initial, p.initial_u, p.boundary_t, self.beta, self.residual_weight)
         return loss, collocation.shape[0]
 
     def columns(self, state: dict[str, Tensor] | None, steps: int) -> dict[str, Any]:
@@ -220,8 +214,8 @@ def build(spec: RunSpec, ctx: RunContext) -> Any:
     def run_evaluate() -> dict[str, Any]:
         return evaluate(net, points, grid, beta, w)
 
-    return ModuleRun(spec, built, make_optimizer(net, cfg), PinnLoss(beta, w),
-                     CollocationFeed(points, spec.data_seed, cfg.batch_size), run_evaluate,
+    return ModuleRun(spec, built, make_optimizer(net, cfg), PinnLoss(beta, w, points),
+                     collocation_feed(points, spec.data_seed, cfg.batch_size), run_evaluate,
                      lambda: (run_evaluate(), built.export()), DATASET, amp=None)
 
 
